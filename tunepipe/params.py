@@ -131,6 +131,8 @@ class Fetch(Section):
 class Template(Section):
     kind: Literal["alpaca", "chat"] = Field("chat", description="Alpaca instruction template or the tokenizer's chat template")
     system_prompt: Optional[str] = Field(None, description="system message for the chat template (None: the template's default)")
+    chat_template: Optional[str] = Field(None, description="kind=chat: 'chatml' or Jinja text replacing the tokenizer's "
+                                                          "chat template (needed when it has none); None: the tokenizer's")
 
 
 class Tokenize(Section):
