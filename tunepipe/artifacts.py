@@ -39,6 +39,10 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
         if target.exists() or target.is_symlink():
             _remove(target)
         os.replace(work, target)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file; say which output it was for
+            exc.filename = str(target)
+        raise
     finally:
         _remove(tmp)
 

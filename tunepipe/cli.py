@@ -11,6 +11,7 @@ print one clear message and exit 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -20,6 +21,9 @@ from tunepipe.artifacts import DataError
 from tunepipe.params import Params, ParamsError, load_params
 
 log = logging.getLogger("tunepipe")
+
+# Disk full, quota, read-only or unwritable output folder: the user's to fix, not a bug.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class StageError(RuntimeError):
@@ -40,6 +44,12 @@ def run_stage(doc: str, main: Callable[[Params], None], argv: list[str] | None =
         main(params)
     except (ParamsError, DataError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'output'}: {exc.strerror}; free space or fix permissions and rerun "
+              "(outputs are replaced only when complete, so nothing was damaged)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

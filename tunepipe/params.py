@@ -103,8 +103,8 @@ class Generated(Section):
     n_pref_train: int = Field(400, gt=0)
     n_pref_val: int = Field(32, gt=0)
     n_pref_test: int = Field(96, gt=0)
-    families: list[str] = Field(default_factory=lambda: ["arithmetic", "text", "lists", "units", "format"],
-                                min_length=1)
+    families: list[Literal["arithmetic", "text", "lists", "units", "format"]] = Field(
+        default_factory=lambda: ["arithmetic", "text", "lists", "units", "format"], min_length=1)
 
 
 class Fetch(Section):
@@ -218,7 +218,8 @@ class Merge(Section):
 class Evaluate(Section):
     models: list[Literal["base", "sft", "final"]] = Field(default_factory=lambda: ["base", "sft", "final"], min_length=1)
     max_examples: Optional[int] = Field(None, gt=0, description="cap on test examples (None: the whole test split)")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(48, gt=0, description="prompts generated / sequences scored together; "
+                                                "on CPU larger batches are much faster (fewer decoding steps)")
     max_new_tokens: int = Field(48, gt=0)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)

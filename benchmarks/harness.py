@@ -1,0 +1,150 @@
+"""What every benchmark shares: the workload folder, one subprocess per measured run, medians, tables, results.json.
+
+    ws = workspace()                                  # models/base + data/tokenized (+ data/templated)
+    row = run_worker("benchmarks.sft", {"variant": "ours", ...})   # fresh process: its own ru_maxrss
+    print(table(rows, ["variant", "tokens_per_s"]))
+    save_results("sft", {...})                        # merged into benchmarks/results.json atomically
+
+Every figure is a ratio against a baseline measured in the same run, with the
+runs interleaved (baseline, ours, baseline, ours) and the median taken, because
+the machine is shared and absolute numbers drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results.json"
+SCRATCH = Path(os.environ.get("TUNEPIPE_BENCH_DIR", Path(tempfile.gettempdir()) / "tunepipe-bench"))
+WORKLOAD_STAGES = ("fetch", "template", "tokenize")
+
+
+def offline_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("DVCLIVE_OPEN", "false")
+    return env
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def workspace(path: Optional[Path] = None) -> Path:
+    """A folder with models/base and data/tokenized: the repo's own after a `dvc repro`,
+    else a scratch copy built once by the real fetch, template and tokenize stages."""
+    if path is not None:
+        return Path(path)
+    if (REPO / "models/base/config.json").is_file() and (REPO / "data/tokenized/info.json").is_file():
+        return REPO
+    ws = SCRATCH / "workspace"
+    if not (ws / "data/tokenized/info.json").is_file():
+        ws.mkdir(parents=True, exist_ok=True)
+        (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())
+        for stage in WORKLOAD_STAGES:
+            print(f"[bench] building the workload: python -m stages.{stage} (in {ws})", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, env=offline_env(), check=True)
+    return ws
+
+
+# --------------------------------------------------------------------------- one measured run per process
+
+
+def run_worker(module: str, spec: dict, timeout: float = 1800) -> dict:
+    """Run ``python -m <module> --worker '<spec json>'`` and return the dict it wrote (plus its peak RSS)."""
+    with tempfile.TemporaryDirectory(prefix="tunepipe-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        spec = dict(spec, result_file=str(out), scratch=tmp)
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=REPO,
+                              env=offline_env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{module} worker {spec.get('variant')} failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def worker_main(argv: list[str], work: Callable[[dict], dict]) -> bool:
+    """If started as a worker, run ``work(spec)``, write its result with the process's peak RSS, return True."""
+    if len(argv) < 3 or argv[1] != "--worker":
+        return False
+    import resource
+
+    spec = json.loads(argv[2])
+    result = work(spec)
+    # Linux reports ru_maxrss in KiB
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    Path(spec["result_file"]).write_text(json.dumps(result))
+    return True
+
+
+def interleaved(variants: list[str], repeats: int, run: Callable[[str], dict]) -> dict[str, list[dict]]:
+    """Run every variant ``repeats`` times, alternating (a, b, a, b), so drift in load hits all of them alike."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants:
+            print(f"[bench] {v} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
+            runs[v].append(run(v))
+    return runs
+
+
+def median(rows: list[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a: Optional[float], b: Optional[float], digits: int = 2) -> Optional[float]:
+    return round(a / b, digits) if a is not None and b else None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub-markdown table (also readable on a terminal)."""
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def save_results(name: str, result: dict, path: Path = RESULTS) -> None:
+    """Merge one benchmark's result into results.json (atomically), keeping the others'."""
+    from tunepipe.artifacts import write_json
+
+    current = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            current = {}
+    current[name] = result
+    write_json(path, current)
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -1,0 +1,83 @@
+"""report: the run's report as markdown and a standalone HTML page (-> reports/).
+
+    python -m stages.report [--params params.yaml]
+
+Reads metrics/eval.json and data/eval/ (evaluate), the DVCLive histories under
+metrics/train_sft/plots and metrics/train_dpo/plots, metrics/train_{sft,dpo}.json,
+the validated params (every key, defaults filled in) and data/raw/manifest.json. Missing training curves or provenance
+files are noted in the report, not an error; missing evaluation results are.
+
+Writes reports/ (one folder, replaced atomically):
+  report.md     metrics table (base / sft / final with deltas), figures, sample
+                generations side by side, error analysis, params and hashes
+  report.html   the same, one file that opens from disk (figures embedded as base64 PNG)
+  figures/      sft_loss.png, dpo_loss.png, dpo_rewards.png, skill_accuracy.png
+
+Params: report.title, report.n_samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from tunepipe.artifacts import atomic_path, read_json, read_jsonl
+from tunepipe.cli import StageError, run_stage
+from tunepipe.params import Params
+
+log = logging.getLogger("tunepipe.report")
+
+EVAL_METRICS = Path("metrics/eval.json")
+EVAL_DIR = Path("data/eval")
+PLOTS = {"sft": Path("metrics/train_sft/plots"), "dpo": Path("metrics/train_dpo/plots")}
+TRAIN_SUMMARIES = {"sft": Path("metrics/train_sft.json"), "dpo": Path("metrics/train_dpo.json")}
+MANIFEST = Path("data/raw/manifest.json")
+OUT = Path("reports")
+MODEL_ORDER = ("base", "sft", "final")
+
+
+def read_optional_json(path: Path):
+    return read_json(path) if path.exists() else None
+
+
+def main(params: Params) -> None:
+    cfg = params.report
+    from tunepipe import reporting
+
+    # ---------------------------------------------------------------- data
+    if not EVAL_METRICS.exists():
+        raise StageError(f"{EVAL_METRICS} is missing; run the evaluate stage first (dvc repro evaluate)")
+    metrics = read_json(EVAL_METRICS)
+    models = [m for m in MODEL_ORDER if m in metrics] + sorted(set(metrics) - set(MODEL_ORDER))
+    if not models:
+        raise StageError(f"{EVAL_METRICS} holds no model results")
+    generations = read_jsonl(EVAL_DIR / "generations.jsonl") if (EVAL_DIR / "generations.jsonl").exists() else []
+    preferences = read_jsonl(EVAL_DIR / "preferences.jsonl") if (EVAL_DIR / "preferences.jsonl").exists() else []
+    curves = {stage: reporting.read_curves(path) for stage, path in PLOTS.items()}
+    missing = [f"{path}/metrics (training curves)" for stage, path in PLOTS.items() if not curves[stage]]
+    training = {stage: s for stage, path in TRAIN_SUMMARIES.items() if (s := read_optional_json(path))}
+
+    # ---------------------------------------------------------------- figures
+    figures = reporting.training_figures(curves["sft"], curves["dpo"])
+    skills = reporting.skill_figure(metrics, models)
+    figures += [skills] if skills else []
+
+    # ---------------------------------------------------------------- render and save
+    report = reporting.Report(
+        title=cfg.title, models=models, metrics=metrics, figures=figures, missing_curves=missing,
+        generations=generations, preferences=preferences, n_samples=cfg.n_samples, training=training,
+        params_text=yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
+        manifest=read_optional_json(MANIFEST))
+    with atomic_path(OUT, is_dir=True) as tmp:
+        (tmp / "figures").mkdir(parents=True)
+        for fig in figures:
+            (tmp / "figures" / fig.name).write_bytes(fig.png)
+        (tmp / "report.md").write_text(reporting.render_markdown(report), encoding="utf-8")
+        (tmp / "report.html").write_text(reporting.render_html(report), encoding="utf-8")
+    log.info("wrote %s/report.md, report.html and %d figures", OUT, len(figures))
+
+
+if __name__ == "__main__":
+    run_stage(__doc__, main)

@@ -1,0 +1,122 @@
+"""merge: the saved model equals base + both adapters, loads with plain transformers, stops at EOS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.trainingdata import make_workdir, prompt_text, tiny_params
+from tunepipe.cli import StageError
+
+SECRET = "hf_notarealtoken0123456789"
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, tiny_model_dir, smol_tokenizer):
+    """train-sft and train-dpo have run (2 steps each, a high learning rate so the adapters matter)."""
+    root = make_workdir(tmp_path_factory.mktemp("merge"), tiny_model_dir, smol_tokenizer)
+    params = tiny_params(train_sft={"max_steps": 2, "learning_rate": 0.05},
+                         train_dpo={"max_steps": 2, "learning_rate": 0.05})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from stages import train_dpo, train_sft
+
+        train_sft.main(params)
+        train_dpo.main(params)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path, monkeypatch):
+    work = shutil.copytree(trained_workdir, tmp_path / "work")
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_merged_model_equals_base_plus_adapters_and_loads_plainly(workdir, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages import merge
+
+    # a token that leaked into the data manifest must not reach the model card
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    manifest = json.loads(Path("data/raw/manifest.json").read_text())
+    manifest["sources"]["sft"]["url"] = f"https://user:{SECRET}@example.org/data.jsonl"
+    Path("data/raw/manifest.json").write_text(json.dumps(manifest))
+
+    merge.main(tiny_params())
+
+    final = Path("models/final")
+    assert (final / "model.safetensors").is_file() and not list(final.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(final)  # plain transformers, no peft
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/base"), "models/sft",
+                                          adapter_name="sft")
+    reference.load_adapter("models/dpo", adapter_name="dpo")
+    reference.base_model.set_adapter(["sft", "dpo"], inference_mode=True)
+    base = AutoModelForCausalLM.from_pretrained("models/base")
+    ids = tok(prompt_text(tok, "What is 2 + 3?"), return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        got, want, before = model(ids).logits, reference(ids).logits, base(ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (got - before).abs().max() > 1e-3  # the adapters changed the model
+
+    card = (final / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "ab" * 32 in card
+    for section in ("train_sft:", "train_dpo:", "template:", "tokenize:", "merge:", '"rewards_accuracies"'):
+        assert section in card, section
+    assert SECRET not in card
+
+
+def test_generation_stops_at_the_saved_eos(workdir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    from stages import merge
+
+    merge.main(tiny_params())
+    config = json.loads(Path("models/final/generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained("models/final")
+    assert config["eos_token_id"] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert config["pad_token_id"] == tok.pad_token_id != tok.eos_token_id
+
+    class EosAtThirdToken(LogitsProcessor):
+        """A random tiny model rarely says EOS on its own: make it, and check generate() then stops."""
+
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - self.start == 2:
+                scores[:] = -float("inf")
+                scores[:, tok.eos_token_id] = 0
+            return scores
+
+    model = AutoModelForCausalLM.from_pretrained("models/final")
+    ids = tok(prompt_text(tok, "Sort 3, 1, 2."), return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False,
+                         logits_processor=LogitsProcessorList([EosAtThirdToken(ids.shape[1])]))
+    new = out[0, ids.shape[1]:].tolist()
+    assert new[-1] == tok.eos_token_id and len(new) == 3  # stopped right at the EOS, from generation_config
+
+
+def test_merge_check_catches_a_mismatch(workdir, monkeypatch):
+    from stages import merge
+
+    # merging only the SFT adapter cannot reproduce base + SFT + DPO
+    original = merge.with_adapters_merged
+    monkeypatch.setattr(merge, "with_adapters_merged", lambda model, dirs: original(model, list(dirs)[:1]))
+    with pytest.raises(StageError, match="differs from base \\+ adapters"):
+        merge.main(tiny_params(merge={"check_atol": 1e-6}))
+    assert not Path("models/final").exists()

@@ -1,0 +1,95 @@
+"""train-dpo on the tiny model: the reference is the SFT model, metrics are logged, stale checkpoints are dropped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_sft import interrupt_at
+from tests.trainingdata import make_workdir, tiny_params
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory, tiny_model_dir, smol_tokenizer):
+    """A work folder where train-sft already ran (2 steps)."""
+    import os
+
+    root = make_workdir(tmp_path_factory.mktemp("dpo"), tiny_model_dir, smol_tokenizer)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from stages import train_sft
+
+        train_sft.main(tiny_params(train_sft={"max_steps": 2}))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(sft_workdir, tmp_path, monkeypatch):
+    work = shutil.copytree(sft_workdir, tmp_path / "work")
+    shutil.rmtree(work / "models/checkpoints", ignore_errors=True)
+    monkeypatch.chdir(work)
+    return work
+
+
+def rows(path: str) -> list[dict]:
+    with open(Path("metrics/train_dpo/plots/metrics") / f"{path}.tsv", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_dpo_trains_against_the_sft_model(workdir):
+    from stages import train_dpo
+
+    train_dpo.main(tiny_params(train_dpo={"max_steps": 3, "eval_steps": 3, "save_steps": 3}))
+
+    config = json.loads(Path("models/dpo/adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    metrics = json.loads(Path("metrics/train_dpo.json").read_text())
+    assert metrics["steps"] == 3 and metrics["rewards_accuracies"] is not None
+    assert metrics["eval_rewards_margins"] is not None
+    # Step 1's rewards come from the untrained (zero) adapter: policy == reference, so the reference
+    # is exactly the SFT-merged model. A reference without the SFT weights would give non-zero rewards.
+    assert float(rows("train/rewards/chosen")[0]["chosen"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(rows("train/rewards/rejected")[0]["rejected"]) == pytest.approx(0.0, abs=1e-4)
+    # and training moves the margin in the preferred direction
+    assert float(rows("train/rewards/margins")[-1]["margins"]) > 0
+    for name in ("train/loss", "train/rewards/accuracies", "train/learning_rate", "eval/loss", "eval/rewards/margins"):
+        assert rows(name), name
+
+
+def test_changed_sft_model_does_not_resume(workdir, monkeypatch, caplog):
+    from stages import train_dpo
+
+    params = tiny_params(train_dpo={"max_steps": 3, "eval_steps": 10, "save_steps": 1})
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train_dpo.main(params)
+    assert (workdir / "models/checkpoints/dpo/checkpoint-1").is_dir()
+
+    (workdir / "models/sft/NOTE.md").write_text("retrained")  # any change to an input invalidates checkpoints
+    with caplog.at_level(logging.WARNING, logger="tunepipe"):
+        train_dpo.main(params)
+    assert "not resuming: checkpoints were written under different params/inputs" in caplog.text
+    assert json.loads(Path("metrics/train_dpo.json").read_text())["resumed_from_step"] is None
+
+
+def test_long_prompts_are_cut_from_the_left(smol_tokenizer):
+    from datasets import Dataset
+
+    from stages.train_dpo import fit_prompts
+
+    long_prompt = "word " * 300 + "<|im_start|>assistant\n"
+    ds = Dataset.from_list([{"prompt": long_prompt, "chosen": "a", "rejected": "b"},
+                            {"prompt": "short<|im_start|>assistant\n", "chosen": "a", "rejected": "b"}])
+    out = fit_prompts(ds, smol_tokenizer, 32)
+    assert len(smol_tokenizer(out[0]["prompt"], add_special_tokens=False)["input_ids"]) <= 32
+    assert out[0]["prompt"].endswith("<|im_start|>assistant\n")  # the end of the prompt survives
+    assert out[1]["prompt"] == "short<|im_start|>assistant\n"

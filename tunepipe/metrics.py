@@ -1,0 +1,261 @@
+"""Evaluation metrics: text overlap, likelihoods, preferences, generation health, task accuracy.
+
+Text metrics (no model):
+    rouge(preds, refs)            -> ({"rouge1", "rouge2", "rougeL", "rougeLsum"}, per-item rougeL)
+    bleu(preds, refs)             -> corpus BLEU in [0, 1]
+    health(generations, refs, n)  -> mean length, EOS / repeat / truncation rates
+    task_accuracy(metas, results) -> overall and per-family accuracy from tasks.check
+
+Model scores (torch imported on use):
+    completion_logprobs(model, tok, prompts, completions) -> [(summed log-prob, n tokens)]
+    perplexity(scores)            -> exp(mean token NLL) over completion tokens only
+    preference(chosen, rejected)  -> share of pairs preferring chosen, mean margin
+
+All rates and scores are in [0, 1] (BLEU too, not sacreBLEU's 0-100).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Callable, Optional, Sequence
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+# An answer is "too long" (rambling) when it has more than this many words for
+# each word of the reference, plus TOO_LONG_SLACK words so short references
+# (a number, one word) leave room for a short sentence around the answer.
+TOO_LONG_FACTOR = 3.0
+TOO_LONG_SLACK = 12
+
+# Failure kinds, in the order the report lists them. The first two come from
+# tasks.check; the others from the generation itself.
+FAILURE_KINDS = ("wrong_answer", "constraint_broken", "too_long", "repetitive", "no_stop")
+
+
+# --------------------------------------------------------------------------- text overlap
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> tuple[dict, list[dict]]:
+    """Mean ROUGE F1 (Lin 2004) with Porter stemming, and each item's scores.
+
+    rougeLsum splits texts into sentences at newlines (as the rouge-score
+    package and the summarization literature do), so multi-line answers get the
+    union-LCS score; on single-line texts it equals rougeL.
+    """
+    from rouge_score import rouge_scorer
+
+    _same_length(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    items = []
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        items.append({k: scores[k].fmeasure for k in ROUGE_TYPES})
+    n = max(len(items), 1)
+    return {k: sum(item[k] for item in items) / n for k in ROUGE_TYPES}, items
+
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks: the tokens BLEU and the
+    repetition check count (independent of any model's tokenizer)."""
+    return _WORDS.findall(text.lower())
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002) over ``words()``, one reference each.
+
+    Smoothing: NLTK's method3, the NIST geometric sequence ("exp" in sacreBLEU,
+    its default for corpus BLEU): an n-gram order with no match counts as
+    1/2^k instead of zeroing the whole score, which matters for small test
+    sets of short answers. When every order has a match it changes nothing.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    _same_length(predictions, references)
+    hyps = [words(p) for p in predictions]
+    refs = [[words(r)] for r in references]
+    if not any(hyps):
+        return 0.0
+    return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method3))
+
+
+# --------------------------------------------------------------------------- generation health
+
+
+def has_repeated_ngram(text: str, n: int) -> bool:
+    """True when some run of n words occurs twice or more (a looping answer)."""
+    toks = words(text)
+    grams = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+    return any(c > 1 for c in grams.values())
+
+
+def is_too_long(text: str, reference: str) -> bool:
+    return len(words(text)) > TOO_LONG_FACTOR * len(words(reference)) + TOO_LONG_SLACK
+
+
+def failure_kinds(task_result: Optional[str], gen, reference: str, repeat_ngram: int) -> list[str]:
+    """Every failure of one answer, in FAILURE_KINDS order.
+
+    ``task_result`` is tasks.check's verdict (None: passed or no checker);
+    ``gen`` a generation.Generation.
+    """
+    found = {task_result} if task_result else set()
+    if is_too_long(gen.text, reference):
+        found.add("too_long")
+    if has_repeated_ngram(gen.text, repeat_ngram):
+        found.add("repetitive")
+    if not gen.stopped_at_eos:
+        found.add("no_stop")
+    return [k for k in FAILURE_KINDS if k in found] + sorted(found - set(FAILURE_KINDS))
+
+
+def health(generations: Sequence, repeat_ngram: int) -> dict:
+    """Mean new tokens, and the shares that stopped at EOS, repeat an n-gram, hit the length limit."""
+    n = len(generations)
+    if n == 0:
+        return {}
+    return {
+        "mean_new_tokens": sum(g.n_new_tokens for g in generations) / n,
+        "eos_rate": sum(g.stopped_at_eos for g in generations) / n,
+        "repeat_rate": sum(has_repeated_ngram(g.text, repeat_ngram) for g in generations) / n,
+        "truncated_rate": sum(g.truncated for g in generations) / n,
+    }
+
+
+# --------------------------------------------------------------------------- task accuracy
+
+
+def task_results(metas: Sequence[dict], outputs: Sequence[str],
+                 check: Optional[Callable[[dict, str], Optional[str]]] = None) -> list[Optional[str]]:
+    """Per item: "pass", a failure kind from ``check``, or None when the record has no checker."""
+    if check is None:
+        from tunepipe.tasks import check
+    _same_length(metas, outputs)
+    return [None if not (meta or {}).get("check") else (check(meta, out) or "pass")
+            for meta, out in zip(metas, outputs)]
+
+
+def task_accuracy(metas: Sequence[dict], results: Sequence[Optional[str]]) -> dict:
+    """``task_accuracy`` over checkable items and ``acc_<family>`` per skill family.
+
+    Empty when no item has a checker (Hub data): there is no accuracy to report.
+    """
+    per_family: dict[str, list[bool]] = {}
+    for meta, result in zip(metas, results):
+        if result is None:
+            continue
+        family = str((meta or {}).get("family") or "other")
+        per_family.setdefault(family, []).append(result == "pass")
+    if not per_family:
+        return {}
+    every = [ok for oks in per_family.values() for ok in oks]
+    out = {"task_accuracy": sum(every) / len(every)}
+    out.update({f"acc_{fam}": sum(oks) / len(oks) for fam, oks in sorted(per_family.items())})
+    return out
+
+
+# --------------------------------------------------------------------------- likelihoods
+
+
+def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
+                        batch_size: int = 8, append_eos: bool = True,
+                        desc: str = "score") -> list[tuple[float, int]]:
+    """Summed log-probability of each completion given its prompt, and its token count.
+
+    Only completion tokens count (the EOS too when ``append_eos``: the model is
+    trained to end its answer, as the tokenize stage and TRL's DPO append it).
+    The prompt and completion are tokenized separately by the tokenize stage's
+    rules (tunepipe.tokenization), so the scored tokens are the trained ones.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from tunepipe.generation import encode_prompts, pad_id_for
+    from tunepipe.tokenization import encode_answers
+
+    _same_length(prompts, completions)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    completion_ids = encode_answers(tokenizer, list(completions)) if completions else []
+    if append_eos:
+        completion_ids = [ids + [tokenizer.eos_token_id] for ids in completion_ids]
+    rows = [(p, c) for p, c in zip(prompt_ids, completion_ids)]
+    order = sorted(range(len(rows)), key=lambda i: (-sum(map(len, rows[i])), i))
+    pad_id = pad_id_for(model, tokenizer)
+    device = next(model.parameters()).device
+    out: list[Optional[tuple[float, int]]] = [None] * len(rows)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="seq") as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                for i, score in zip(batch, _score_batch(model, [rows[i] for i in batch], pad_id, device)):
+                    out[i] = score
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _score_batch(model, rows, pad_id: int, device) -> list[tuple[float, int]]:
+    """Left-pad so every completion ends at the last position: the LM head then
+    runs only on the last (longest completion + 1) positions instead of the
+    whole prompt, the largest saving on a 49k-token vocabulary."""
+    import torch
+
+    width = max(len(p) + len(c) for p, c in rows)
+    keep = min(max(len(c) for _, c in rows) + 1, width)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    scored = torch.zeros_like(ids, dtype=torch.bool)  # positions holding a completion token
+    for k, (p, c) in enumerate(rows):
+        ids[k, width - len(p) - len(c):] = torch.tensor(p + c)
+        attention[k, width - len(p) - len(c):] = 1
+        scored[k, width - len(c):] = True
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                   position_ids=positions.to(device), **extra).logits[:, -keep:].float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # logits at t predict token t+1
+    targets = ids[:, width - keep + 1:].to(device)
+    token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    mask = scored[:, width - keep + 1:].to(device)
+    sums = (token_logp * mask).sum(-1).tolist()
+    counts = mask.sum(-1).tolist()
+    return [(float(s), int(n)) for s, n in zip(sums, counts)]
+
+
+def _accepts(model, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(model.forward).parameters
+
+
+def perplexity(scores: Sequence[tuple[float, int]]) -> dict:
+    """Token-weighted mean NLL over all completion tokens, and its exp."""
+    total = sum(n for _, n in scores)
+    if total == 0:
+        return {}
+    nll = -sum(s for s, _ in scores) / total
+    return {"nll": nll, "perplexity": math.exp(nll)}
+
+
+def preference(chosen: Sequence[tuple[float, int]], rejected: Sequence[tuple[float, int]]) -> dict:
+    """Share of pairs where the chosen answer has the higher summed log-prob
+    (a tie counts as wrong), and the mean margin log p(chosen) - log p(rejected)."""
+    _same_length(chosen, rejected)
+    if not chosen:
+        return {}
+    margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
+    return {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "pref_margin": sum(margins) / len(margins)}
+
+
+def _same_length(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"length mismatch: {len(a)} vs {len(b)}")

@@ -1,0 +1,304 @@
+"""What train-sft and train-dpo share: trainer arguments, safe resuming, Ctrl-C, and metrics.
+
+    fp = stage_fingerprint(cfg, seed, {"data/tokenized": ..., "models/base": ...})
+    resume = prepare_checkpoints("models/checkpoints/sft", fp)   # None: start fresh
+    args = trainer_arguments(cfg, output_dir=..., seed=seed, precision="fp32", evaluate=True)
+    run = TrainingRun("metrics/train_sft", resume)                # DVCLive + Ctrl-C handling
+    trainer = SFTTrainer(..., callbacks=run.callbacks())
+    run.train(trainer)                                            # KeyboardInterrupt after a saved checkpoint
+
+Checkpoints resume only when they were written under the same params and
+inputs (the fingerprint); anything else is deleted with a log line saying so,
+so a run never silently continues a stale one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+from tunepipe.artifacts import sha256_json, sha256_tree, write_json
+
+log = logging.getLogger("tunepipe.training")
+
+FINGERPRINT_FILE = "fingerprint.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# --------------------------------------------------------------------------- fingerprint and resume
+
+
+def stage_fingerprint(section, seed: int, inputs: dict[str, str | Path]) -> dict:
+    """What a checkpoint was trained under: the stage's params, the seed and a hash of each input."""
+    params = section.model_dump(mode="json")
+    hashes = {name: sha256_tree(path) for name, path in sorted(inputs.items())}
+    return {"fingerprint": sha256_json({"params": params, "seed": seed, "inputs": hashes}),
+            "params": params, "seed": seed, "inputs": hashes}
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Checkpoint folders oldest first; trainer_state.json is written last, so without it a save was cut short."""
+    found = []
+    for p in Path(ckpt_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and step.isdigit() and _readable_json(p / "trainer_state.json"):
+            found.append((int(step), p))
+    return [p for _, p in sorted(found)]
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_checkpoints(ckpt_dir: str | Path, fingerprint: dict) -> Optional[Path]:
+    """The checkpoint to resume from, or None after clearing checkpoints that do not match ``fingerprint``."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stored = _read_fingerprint(ckpt_dir / FINGERPRINT_FILE)
+    complete = complete_checkpoints(ckpt_dir)
+    everything = [p for p in ckpt_dir.iterdir() if p.name != FINGERPRINT_FILE]
+    resume = None
+    if stored == fingerprint["fingerprint"] and complete:
+        resume = complete[-1]
+        stale = [p for p in everything if p.name.startswith(CHECKPOINT_PREFIX) and p not in complete]
+        if stale:
+            log.warning("removing unfinished checkpoint(s): %s", ", ".join(p.name for p in stale))
+    else:
+        stale = everything
+        if complete:
+            log.warning("not resuming: checkpoints were written under different params/inputs "
+                        "(%s); deleting %d checkpoint(s) in %s and starting fresh",
+                        "no fingerprint" if stored is None else f"fingerprint {stored[:12]} != {fingerprint['fingerprint'][:12]}",
+                        len(complete), ckpt_dir)
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    write_json(ckpt_dir / FINGERPRINT_FILE, fingerprint)
+    if resume is not None:
+        log.info("resuming from %s (same params and inputs)", resume)
+    return resume
+
+
+def _read_fingerprint(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------- trainer arguments
+
+
+def trainer_arguments(cfg, *, output_dir: str | Path, seed: int, precision: str, evaluate: bool) -> dict:
+    """TrainingArguments fields every TRL config here shares, all from the stage's params section."""
+    return dict(
+        output_dir=str(output_dir),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of the steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        num_train_epochs=cfg.epochs or 1.0,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing or cfg.method == "qlora",
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+# --------------------------------------------------------------------------- one training run
+
+
+def peak_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class TrainingRun:
+    """DVCLive logging on the trainer's global step, tokens/s, and a Ctrl-C that saves before stopping."""
+
+    def __init__(self, live_dir: str | Path, resume_from: Optional[Path]):
+        self.live_dir = Path(live_dir)
+        self.resume_from = resume_from
+        self.interrupted = False
+        self.train_seconds = 0.0
+        self.step_seconds = 0.0
+        self.tokens_at_start = 0
+        self.last_eval: dict = {}
+
+    def callbacks(self) -> list:
+        from transformers import TrainerCallback
+
+        run = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                run._open_live(state)
+
+            def on_step_begin(self, args, state, control, **kw):
+                run._step_started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                run.step_seconds += time.perf_counter() - run._step_started
+                if run.interrupted:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                run._log(state, logs or {})
+
+            def on_train_end(self, args, state, control, **kw):
+                run._close_live()
+
+        return [_Callback()]
+
+    # ---- DVCLive
+
+    def _open_live(self, state) -> None:
+        from dvclive import Live
+
+        resumed_step = state.global_step if self.resume_from is not None else 0
+        if resumed_step:
+            # rows logged after the checkpoint was taken are logged again by the resumed run
+            _truncate_plots(self.live_dir / "plots", resumed_step)
+        self.live = Live(dir=str(self.live_dir), resume=bool(resumed_step), dvcyaml=None, save_dvc_exp=False)
+        self.tokens_at_start = self._tokens_logged = state.num_input_tokens_seen
+        self._seconds_logged = self.step_seconds = 0.0
+
+    def _log(self, state, logs: dict) -> None:
+        self.live.step = state.global_step
+        for key, value in logs.items():
+            name = _plot_name(key)
+            if name and isinstance(value, (int, float)) and math.isfinite(value):
+                self.live.log_metric(name, float(value))
+        if any(k.startswith("eval_") for k in logs):
+            self.last_eval = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
+            self.last_eval["step"] = state.global_step
+        if "loss" in logs and self.step_seconds > self._seconds_logged:
+            tokens = state.num_input_tokens_seen - self._tokens_logged
+            self.live.log_metric("train/tokens_per_second", round(tokens / (self.step_seconds - self._seconds_logged), 2))
+            self._tokens_logged, self._seconds_logged = state.num_input_tokens_seen, self.step_seconds
+
+    def _close_live(self) -> None:
+        self.live.make_summary()
+
+    # ---- running
+
+    def train(self, trainer) -> None:
+        """Train (resuming if asked); on Ctrl-C save a checkpoint, then raise KeyboardInterrupt."""
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        started = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        finally:
+            self.train_seconds = time.perf_counter() - started
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            log.warning("interrupted: checkpoint saved at step %d; rerun the stage to resume", trainer.state.global_step)
+            raise KeyboardInterrupt
+
+    def final_evaluation(self, trainer, has_eval: bool) -> None:
+        """Evaluate at the last step unless the trainer just did; then write DVCLive's summary."""
+        if has_eval and self.last_eval.get("step") != trainer.state.global_step:
+            trainer.evaluate()
+        self._close_live()
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort now)")
+
+    def summary(self, trainer) -> dict:
+        """Final figures for metrics/<stage>.json (loss from the last logged step)."""
+        state = trainer.state
+        last_train = next((h for h in reversed(state.log_history) if "loss" in h), {})
+        tokens = state.num_input_tokens_seen
+        session_tokens = tokens - self.tokens_at_start
+        return {
+            "train_loss": _round(last_train.get("loss")),
+            "eval_loss": _round(self.last_eval.get("loss")),
+            "steps": state.global_step,
+            "trained_tokens": int(tokens),
+            "tokens_per_second": round(session_tokens / self.step_seconds, 2) if self.step_seconds else None,
+            "train_seconds": round(self.train_seconds, 1),
+            "peak_rss_mib": peak_rss_mib(),
+            "resumed_from_step": _checkpoint_step(self.resume_from),
+        }
+
+
+def _checkpoint_step(path: Optional[Path]) -> Optional[int]:
+    return int(path.name[len(CHECKPOINT_PREFIX):]) if path is not None else None
+
+
+def _round(value, digits: int = 5):
+    return None if value is None else round(float(value), digits)
+
+
+_PLOT_NAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+               "eval_loss": "eval/loss"}
+
+
+def _plot_name(key: str) -> Optional[str]:
+    """Trainer log keys -> DVCLive metric paths (train/..., eval/...); None for bookkeeping keys."""
+    if key in _PLOT_NAMES:
+        return _PLOT_NAMES[key]
+    if key.startswith("eval_") and ("rewards/" in key or "logps/" in key):
+        return "eval/" + key[len("eval_"):]
+    if key.startswith(("rewards/", "logps/")) or key == "mean_token_accuracy":
+        return "train/" + key
+    if key == "eval_mean_token_accuracy":
+        return "eval/mean_token_accuracy"
+    return None
+
+
+def _truncate_plots(plots_dir: Path, last_step: int) -> None:
+    for tsv in plots_dir.rglob("*.tsv"):
+        with open(tsv, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+            fields = list(rows[0]) if rows else []
+        kept = [r for r in rows if int(r["step"]) <= last_step]
+        if len(kept) == len(rows):
+            continue
+        with open(tsv, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def save_model_dir(model, tokenizer, target: str | Path) -> None:
+    """Save an adapter (or a fully fine-tuned model) and its tokenizer atomically into ``target``."""
+    from tunepipe.artifacts import atomic_path
+
+    with atomic_path(target, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
