@@ -87,10 +87,13 @@ def worker_main(argv: list[str], work: Callable[[dict], dict]) -> bool:
 def interleaved(variants: list[str], repeats: int, run: Callable[[str], dict]) -> dict[str, list[dict]]:
     """Run every variant ``repeats`` times, alternating (a, b, a, b), so drift in load hits all of them alike."""
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+    SCRATCH.mkdir(parents=True, exist_ok=True)
     for r in range(repeats):
         for v in variants:
             print(f"[bench] {v} (repeat {r + 1}/{repeats})", file=sys.stderr, flush=True)
             runs[v].append(run(v))
+            with open(SCRATCH / "runs.jsonl", "a", encoding="utf-8") as log:  # partial results survive a kill
+                log.write(json.dumps({"variant": v, "repeat": r, **runs[v][-1]}) + "\n")
     return runs
 
 
@@ -122,10 +125,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def save_results(name: str, result: dict, path: Path = RESULTS) -> None:
+def save_results(name: str, result: dict, path: Optional[Path] = None) -> None:
     """Merge one benchmark's result into results.json (atomically), keeping the others'."""
     from tunepipe.artifacts import write_json
 
+    path = path or RESULTS
     current = {}
     if path.is_file():
         try:

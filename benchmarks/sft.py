@@ -39,8 +39,7 @@ LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 def train_once(spec: dict) -> dict:
     """One short training run of ``spec['variant']``; returns per-step timing, tokens and losses."""
-    import torch  # noqa: F401  (before transformers: keeps thread setup identical across variants)
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     from tunepipe.modeling import load_for_training, load_tokenizer, resolve_precision
     from tunepipe.params import load_params
@@ -120,21 +119,18 @@ class TokenCounter:
         return batch
 
 
-def step_clock_class():
+def StepClock():  # noqa: N802 (a factory: transformers is imported only inside the worker)
+    """A trainer callback recording when each optimizer step ends (``.ends``)."""
     from transformers import TrainerCallback
 
-    class StepClock(TrainerCallback):
+    class _StepClock(TrainerCallback):
         def __init__(self):
             self.ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
 
-    return StepClock
-
-
-def StepClock():  # noqa: N802 (a factory, so transformers is imported only in the worker)
-    return step_clock_class()()
+    return _StepClock()
 
 
 def model_flops_per_token(model) -> dict:

@@ -80,13 +80,20 @@ def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
 
 def evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg) -> tuple[dict, list[dict], list[dict]]:
     """All metrics of one model, and its per-item generation and preference rows."""
+    gen_summary, gen_rows = score_generations(name, model, stops, tokenizer, sft_rows, cfg)
+    pref_summary, pref_out = score_preferences(name, model, tokenizer, pref_rows, cfg)
+    summary = {**gen_summary, **pref_summary, "n_prompts": len(sft_rows), "n_pairs": len(pref_rows)}
+    return _rounded(summary), gen_rows, pref_out
+
+
+def score_generations(name, model, stops, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
+    """Answers to the SFT test prompts: task accuracy, ROUGE, BLEU, health; and the
+    perplexity of the reference answers."""
     from tunepipe import metrics
     from tunepipe.generation import Decoding, generate
 
-    prompts = [r["prompt"] for r in sft_rows]
-    refs = [r["completion"] for r in sft_rows]
-    metas = [r.get("meta") or {} for r in sft_rows]
-
+    prompts, refs = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    metas = [r.get("meta") or {} for r in rows]
     gens = generate(model, tokenizer, prompts, Decoding.from_params(cfg), batch_size=cfg.batch_size,
                     eos_token_ids=stops, desc=f"{name}: generate")
     outputs = [g.text for g in gens]
@@ -94,32 +101,35 @@ def evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg) -> t
     rouge, rouge_items = metrics.rouge(outputs, refs)
     ref_scores = metrics.completion_logprobs(model, tokenizer, prompts, refs, batch_size=cfg.batch_size,
                                              desc=f"{name}: reference NLL")
-    pair_prompts = [r["prompt"] for r in pref_rows]
-    chosen = metrics.completion_logprobs(model, tokenizer, pair_prompts, [r["chosen"] for r in pref_rows],
-                                         batch_size=cfg.batch_size, desc=f"{name}: chosen")
-    rejected = metrics.completion_logprobs(model, tokenizer, pair_prompts, [r["rejected"] for r in pref_rows],
-                                           batch_size=cfg.batch_size, desc=f"{name}: rejected")
-
-    summary = {
-        **metrics.task_accuracy(metas, results), **rouge, "bleu": metrics.bleu(outputs, refs),
-        **metrics.perplexity(ref_scores), **metrics.preference(chosen, rejected),
-        **metrics.health(gens, cfg.repeat_ngram), "n_prompts": len(sft_rows), "n_pairs": len(pref_rows),
-    }
-    gen_rows = [{
+    summary = {**metrics.task_accuracy(metas, results), **rouge, "bleu": metrics.bleu(outputs, refs),
+               **metrics.perplexity(ref_scores), **metrics.health(gens, cfg.repeat_ngram)}
+    out = [{
         "model": name, "id": row.get("id"), "family": meta.get("family"), "prompt": row["prompt"],
         "reference": ref, "output": g.text, "n_new_tokens": g.n_new_tokens, "stopped_at_eos": g.stopped_at_eos,
-        "truncated": g.truncated, "task": result, "failures": metrics.failure_kinds(
-            result if result != "pass" else None, g, ref, cfg.repeat_ngram),
-        "rougeL": round(scores["rougeL"], DECIMALS), "ref_nll": round(-lp / max(n, 1), DECIMALS),
-    } for row, meta, ref, g, result, scores, (lp, n)
-        in zip(sft_rows, metas, refs, gens, results, rouge_items, ref_scores)]
-    pref_rows_out = [{
+        "truncated": g.truncated, "task": result,
+        "failures": metrics.failure_kinds(result if result != "pass" else None, g, ref, cfg.repeat_ngram),
+        "rougeL": round(scores["rougeL"], DECIMALS), "ref_nll": round(-logp / max(n, 1), DECIMALS),
+    } for row, meta, ref, g, result, scores, (logp, n)
+        in zip(rows, metas, refs, gens, results, rouge_items, ref_scores)]
+    return summary, out
+
+
+def score_preferences(name, model, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
+    """Summed log-probabilities of the chosen and rejected answers of each test pair."""
+    from tunepipe import metrics
+
+    prompts = [r["prompt"] for r in rows]
+    chosen = metrics.completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows],
+                                         batch_size=cfg.batch_size, desc=f"{name}: chosen")
+    rejected = metrics.completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows],
+                                           batch_size=cfg.batch_size, desc=f"{name}: rejected")
+    out = [{
         "model": name, "id": row.get("id"), "family": (row.get("meta") or {}).get("family"),
         "rejected_kind": (row.get("meta") or {}).get("rejected_kind"),
         "chosen_logp": round(c, DECIMALS), "rejected_logp": round(r, DECIMALS),
         "margin": round(c - r, DECIMALS), "correct": c > r,
-    } for row, (c, _), (r, _) in zip(pref_rows, chosen, rejected)]
-    return _rounded(summary), gen_rows, pref_rows_out
+    } for row, (c, _), (r, _) in zip(rows, chosen, rejected)]
+    return metrics.preference(chosen, rejected), out
 
 
 def _rounded(summary: dict) -> dict:

@@ -3,9 +3,10 @@
     python -m stages.report [--params params.yaml]
 
 Reads metrics/eval.json and data/eval/ (evaluate), the DVCLive histories under
-metrics/train_sft/plots and metrics/train_dpo/plots, metrics/train_{sft,dpo}.json,
-the validated params (every key, defaults filled in) and data/raw/manifest.json. Missing training curves or provenance
-files are noted in the report, not an error; missing evaluation results are.
+metrics/train_sft/plots and metrics/train_dpo/plots, metrics/train_{sft,dpo}.json
+and data/raw/manifest.json, and shows the validated params (every key, defaults
+filled in). Missing training curves or provenance files are noted in the report,
+not an error; missing evaluation results are.
 
 Writes reports/ (one folder, replaced atomically):
   report.md     metrics table (base / sft / final with deltas), figures, sample

@@ -46,6 +46,9 @@ def project(tmp_path_factory, tiny_model_dir):
            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     run(["git", "init", "-q"], root, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    # DVCLive reads the git HEAD: a repo without commits makes it fail.
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"], root, env)
     run([sys.executable, "-m", "dvc", "repro"], root, env)
     return root, env
 
@@ -72,27 +75,27 @@ def test_second_repro_does_nothing(project):
     assert dvc_status(root, env) == {}
 
 
+def changed_stages_after(root, env, section: str, key: str, value) -> set:
+    """Stages `dvc status` reports after setting one param (the file is restored after)."""
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params[section][key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        return set(dvc_status(root, env))
+    finally:
+        params_file.write_text(original)
+
+
 def test_eval_setting_reruns_only_evaluate_and_report(project):
     root, env = project
-    params_file = root / "params.yaml"
-    original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["evaluate"]["max_new_tokens"] += 1
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        assert set(dvc_status(root, env)) == {"evaluate", "report"}
-    finally:
-        params_file.write_text(original)
+    assert changed_stages_after(root, env, "evaluate", "max_new_tokens", 9) == {"evaluate", "report"}
 
 
-def test_dpo_beta_reruns_dpo_and_after(project):
+def test_dpo_beta_reruns_dpo_and_after_never_before(project):
     root, env = project
-    params_file = root / "params.yaml"
-    original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["train_dpo"]["beta"] *= 2
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        assert set(dvc_status(root, env)) == {"train-dpo", "merge", "evaluate", "report"}
-    finally:
-        params_file.write_text(original)
+    changed = changed_stages_after(root, env, "train_dpo", "beta", 0.5)
+    # dvc status names stages whose own deps changed; evaluate follows once merge writes a new model.
+    assert "train-dpo" in changed
+    assert changed <= {"train-dpo", "merge", "evaluate", "report"}

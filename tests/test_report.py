@@ -190,3 +190,11 @@ def test_report_stage_help_is_fast_and_documented():
     out = subprocess.run([sys.executable, "-m", "stages.report", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert out.returncode == 0 and "reports/" in out.stdout
+
+
+def test_prompt_tail_starts_at_a_line_and_blank_answers_are_named():
+    prompt = "system: " + "x" * 300 + "\nuser: What is 2+2?\nassistant:"
+    assert reporting.prompt_tail(prompt, limit=60) == "…\nuser: What is 2+2?\nassistant:"
+    assert reporting.prompt_tail("short prompt") == "short prompt"
+    assert reporting.shown("") == "(empty)" and reporting.shown("\n\n") == "(whitespace only)"
+    assert reporting.shown(" 42") == " 42"

@@ -57,75 +57,85 @@ def run_cli(params) -> None:
     run_stage(train_sft.__doc__, train_sft.main, argv=["--params", "params.yaml"])
 
 
-def test_same_seed_gives_same_adapter_and_loss_curve(workdir):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, smol_tokenizer):
+    """One uninterrupted 4-step run: its folder, adapter, loss curve and metrics."""
     from stages import train_sft
 
-    params = tiny_params()
-    train_sft.main(params)
-    first_weights, first_loss = adapter_weights(Path("models/sft")), plot_rows("train/loss")
-    metrics = json.loads(Path("metrics/train_sft.json").read_text())
-    assert metrics["steps"] == 4 and metrics["trained_tokens"] > 0 and metrics["eval_loss"] is not None
-    assert [r["step"] for r in first_loss] == ["1", "2", "3", "4"]
-    assert {"learning_rate", "tokens_per_second"} <= {p.stem for p in Path("metrics/train_sft/plots/metrics/train").iterdir()}
+    root = make_workdir(tmp_path_factory.mktemp("reference"), tiny_model_dir, smol_tokenizer)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train_sft.main(tiny_params())
+        return {"root": root, "weights": adapter_weights(root / "models/sft"), "loss": plot_rows("train/loss"),
+                "metrics": json.loads(Path("metrics/train_sft.json").read_text())}
+    finally:
+        os.chdir(cwd)
 
-    import shutil
 
-    shutil.rmtree("models/checkpoints/sft")  # otherwise the rerun would resume from the final checkpoint
-    train_sft.main(params)
-    assert plot_rows("train/loss") == first_loss
-    second = adapter_weights(Path("models/sft"))
-    assert first_weights.keys() == second.keys()
-    for name, tensor in first_weights.items():
-        assert (tensor == second[name]).all(), name
+def test_same_seed_gives_same_adapter_and_loss_curve(workdir, reference):
+    from stages import train_sft
+
+    first = reference["metrics"]
+    assert first["steps"] == 4 and first["trained_tokens"] > 0 and first["eval_loss"] is not None
+    assert [r["step"] for r in reference["loss"]] == ["1", "2", "3", "4"]
+    assert {"learning_rate", "tokens_per_second"} <= {p.stem for p in
+                                                      (reference["root"] / "metrics/train_sft/plots/metrics/train").iterdir()}
+
+    train_sft.main(tiny_params())  # same params, another folder
+    assert plot_rows("train/loss") == reference["loss"]
+    weights = adapter_weights(Path("models/sft"))
+    assert weights.keys() == reference["weights"].keys()
+    for name, tensor in reference["weights"].items():
+        assert (tensor == weights[name]).all(), name
     # the adapter really trained: lora_B starts at zero
-    assert any(t.abs().sum() > 0 for n, t in second.items() if "lora_B" in n)
+    assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
 
 
-def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(workdir, monkeypatch, tiny_model_dir,
-                                                                      smol_tokenizer, tmp_path_factory):
-    from stages import train_sft
-
+def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(workdir, monkeypatch, reference):
     params = tiny_params()
-    # uninterrupted reference, in its own folder
-    reference = make_workdir(tmp_path_factory.mktemp("reference"), tiny_model_dir, smol_tokenizer)
-    monkeypatch.chdir(reference)
-    train_sft.main(params)
-    expected = adapter_weights(reference / "models/sft")
-    expected_loss = json.loads((reference / "metrics/train_sft.json").read_text())["train_loss"]
-
-    monkeypatch.chdir(workdir)
     with monkeypatch.context() as m:
-        interrupt_at(m, 2)
+        interrupt_at(m, 1)
         with pytest.raises(SystemExit) as exit_info:
             run_cli(params)
     assert exit_info.value.code == 130
     assert not Path("models/sft").exists()  # nothing for DVC to record
-    assert (workdir / "models/checkpoints/sft/checkpoint-2/trainer_state.json").is_file()
+    # saved at the interrupt (step 1), not only at save_steps (2)
+    assert (workdir / "models/checkpoints/sft/checkpoint-1/trainer_state.json").is_file()
 
     run_cli(params)  # resumes
     metrics = json.loads(Path("metrics/train_sft.json").read_text())
-    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 4
     assert [r["step"] for r in plot_rows("train/loss")] == ["1", "2", "3", "4"]  # one continuous step axis
-    assert metrics["train_loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
+    assert metrics["train_loss"] == pytest.approx(reference["metrics"]["train_loss"], rel=1e-4, abs=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], rel=1e-4, abs=1e-5)
     resumed = adapter_weights(Path("models/sft"))
-    for name, tensor in expected.items():
+    for name, tensor in reference["weights"].items():
         assert (tensor - resumed[name]).abs().max() < 1e-5, name
 
+    # forced rerun (outputs lost, `dvc repro -f`): picks up the final checkpoint, trains nothing
+    eval_rows = plot_rows("eval/loss")
+    run_cli(params)
+    again = json.loads(Path("metrics/train_sft.json").read_text())
+    assert again["resumed_from_step"] == 4 and again["eval_loss"] == metrics["eval_loss"]
+    assert plot_rows("eval/loss") == eval_rows  # no duplicate points
+    assert all((adapter_weights(Path("models/sft"))[n] == t).all() for n, t in resumed.items())
 
-def test_changed_params_do_not_resume(workdir, monkeypatch, caplog):
+
+def test_changed_params_do_not_resume(workdir, reference, caplog):
+    import shutil
+
     from stages import train_sft
 
-    with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train_sft.main(tiny_params())
-    assert (workdir / "models/checkpoints/sft/checkpoint-2").is_dir()
-
+    # checkpoints of the reference run (same data and base), then a different learning rate
+    shutil.copytree(reference["root"] / "models/checkpoints", workdir / "models/checkpoints")
+    assert (workdir / "models/checkpoints/sft/checkpoint-4").is_dir()
     with caplog.at_level(logging.WARNING, logger="tunepipe"):
         train_sft.main(tiny_params(train_sft={"learning_rate": 1e-3}))
     assert "not resuming: checkpoints were written under different params/inputs" in caplog.text
     metrics = json.loads(Path("metrics/train_sft.json").read_text())
     assert metrics["resumed_from_step"] is None and metrics["steps"] == 4
+    assert metrics["train_loss"] != reference["metrics"]["train_loss"]
 
 
 def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer, tmp_path):

@@ -220,14 +220,17 @@ def _score_batch(model, rows, pad_id: int, device) -> list[tuple[float, int]]:
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
     extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device),
-                   position_ids=positions.to(device), **extra).logits[:, -keep:].float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # logits at t predict token t+1
-    targets = ids[:, width - keep + 1:].to(device)
-    token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
+                   position_ids=positions.to(device), **extra).logits[:, -keep:]
+    # logits at t predict token t+1; normalise only where a completion token is predicted
+    # (not over padding, and without a second vocabulary-sized tensor)
     mask = scored[:, width - keep + 1:].to(device)
-    sums = (token_logp * mask).sum(-1).tolist()
-    counts = mask.sum(-1).tolist()
-    return [(float(s), int(n)) for s, n in zip(sums, counts)]
+    picked = logits[:, :-1][mask].float()
+    targets = ids[:, width - keep + 1:].to(device)[mask]
+    token_logp = picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    rows_of = mask.nonzero()[:, 0]
+    sums = torch.zeros(len(rows), device=device, dtype=token_logp.dtype).index_add_(0, rows_of, token_logp)
+    counts = mask.sum(-1)
+    return [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
 
 
 def _accepts(model, argument: str) -> bool:

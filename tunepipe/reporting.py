@@ -28,6 +28,7 @@ LOWER_IS_BETTER = {"perplexity", "nll", "repeat_rate", "truncated_rate"}
 NEUTRAL = {"mean_new_tokens", "n_prompts", "n_pairs"}
 METRIC_ORDER = ("task_accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "perplexity", "nll",
                 "pref_accuracy", "pref_margin", "eos_rate", "repeat_rate", "truncated_rate", "mean_new_tokens")
+PARAMS_HEADING = "Params (params.yaml as validated, defaults filled in)"
 FAILURE_LABELS = {"wrong_answer": "wrong answer", "constraint_broken": "constraint broken",
                   "too_long": "too long", "repetitive": "repetitive", "no_stop": "no stop"}
 
@@ -155,9 +156,19 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def prompt_tail(prompt: str, limit: int = 240) -> str:
-    """The end of a rendered prompt: it holds the question (the start is the system prompt)."""
+    """The end of a rendered prompt, from a line start: it holds the question
+    (the start is the template's preamble or system prompt)."""
     text = prompt.strip()
-    return text if len(text) <= limit else "…" + text[-limit:]
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    cut = tail.find("\n")
+    return "…\n" + (tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail)
+
+
+def shown(output: str) -> str:
+    """An answer as displayed: say so when there is nothing visible to show."""
+    return output if output.strip() else "(empty)" if not output else "(whitespace only)"
 
 
 # --------------------------------------------------------------------------- curves and figures
@@ -296,7 +307,7 @@ def _verdict(row: Optional[dict]) -> str:
     if row is None:
         return ""
     mark = {"pass": "✓ ", None: ""}.get(row.get("task"), "✗ ")
-    return mark + row["output"]
+    return mark + shown(row["output"])
 
 
 def metrics_section_md(r: Report) -> str:
@@ -343,7 +354,7 @@ def error_section_md(r: Report) -> str:
     for kind, row in failure_examples(r.generations, r.models).items():
         parts.append(f"**{FAILURE_LABELS.get(kind, kind)}** ({row['model']}, {row['id']}):\n\n"
                      + _md_table(["prompt (end)", "reference", "output"],
-                                 [[prompt_tail(row["prompt"]), row["reference"], row["output"]]]))
+                                 [[prompt_tail(row["prompt"]), row["reference"], shown(row["output"])]]))
     return "\n\n".join(parts)
 
 
@@ -352,20 +363,24 @@ def provenance_md(r: Report) -> str:
     for stage, summary in r.training.items():
         parts += [f"### Training summary: {stage}", _md_table(["key", "value"], flatten(summary))]
     parts.append("### Data and model hashes (data/raw/manifest.json)")
-    parts.append(_md_table(["key", "value"], flatten(r.manifest)) if r.manifest else "_data/raw/manifest.json not found_")
-    parts += ["### Params (params.yaml, validated, defaults filled in)", _fence(r.params_text, "yaml") if r.params_text else "_params.yaml not found_"]
+    parts.append(_md_table(["key", "value"], flatten(r.manifest)) if r.manifest
+                 else "_data/raw/manifest.json not found_")
+    parts += [f"### {PARAMS_HEADING}", _fence(r.params_text, "yaml") if r.params_text else "_no params_"]
     return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------- html
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#1d2330}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;margin:2em auto;
+  padding:0 1em;color:#1d2330}
 h1{border-bottom:2px solid #dde;padding-bottom:.3em} h2{margin-top:2em;border-bottom:1px solid #eee}
-table{border-collapse:collapse;margin:1em 0;font-size:14px} th,td{border:1px solid #d6d9e0;padding:4px 8px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #d6d9e0;padding:4px 8px;vertical-align:top;text-align:left}
 th{background:#f3f5f9} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.better{background:#e3f6e5;color:#11621f} td.worse{background:#fbe6e6;color:#8a1c1c}
-pre,.text{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px}
+pre,.text{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;
+  font-size:12.5px}
 pre{background:#f6f8fa;padding:1em;overflow:auto} img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 td.pass{background:#eef9ef} td.fail{background:#fdf1f1} .muted{color:#667}
 table.wide{table-layout:fixed;width:100%} .figures{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0}
@@ -435,12 +450,8 @@ def errors_html(r: Report) -> str:
     table = _html_table(["failure", *r.models], [
         [_td(FAILURE_LABELS.get(k, k)), *[_td(f"{counts[k][m]} / {totals[m]}", "num") for m in r.models]]
         for k in sorted(counts, key=lambda k: -sum(counts[k].values()))])
-    examples = "".join(
-        f"<h3>{_e(FAILURE_LABELS.get(kind, kind))} <span class='muted'>({_e(row['model'])}, {_e(row['id'])})</span></h3>"
-        + _html_table(["prompt (end)", "reference", "output"],
-                      [[_text_td(prompt_tail(row["prompt"])), _text_td(row["reference"]), _text_td(row["output"], "fail")]],
-                      "wide")
-        for kind, row in failure_examples(r.generations, r.models).items())
+    examples = "".join(_failure_example_html(kind, row)
+                       for kind, row in failure_examples(r.generations, r.models).items())
     prefs = ""
     if r.preferences:
         prefs = "<h3>Preference accuracy by kind of rejected answer</h3>" + _html_table(
@@ -448,6 +459,12 @@ def errors_html(r: Report) -> str:
                                            for kind, cells in preference_by_kind(r.preferences, r.models).items()])
     return ("<h2>Error analysis</h2><p class='muted'>Failures on the test split; an answer can have several.</p>"
             + table + examples + prefs)
+
+
+def _failure_example_html(kind: str, row: dict) -> str:
+    title = f"{_e(FAILURE_LABELS.get(kind, kind))} <span class='muted'>({_e(row['model'])}, {_e(row['id'])})</span>"
+    cells = [_text_td(prompt_tail(row["prompt"])), _text_td(row["reference"]), _text_td(shown(row["output"]), "fail")]
+    return f"<h3>{title}</h3>" + _html_table(["prompt (end)", "reference", "output"], [cells], "wide")
 
 
 def figures_html(r: Report) -> str:
@@ -466,8 +483,8 @@ def provenance_html(r: Report) -> str:
     parts.append("<h3>Data and model hashes (data/raw/manifest.json)</h3>")
     parts.append(_html_table(["key", "value"], [[_td(k), _text_td(v)] for k, v in flatten(r.manifest)])
                  if r.manifest else "<p class='muted'>data/raw/manifest.json not found</p>")
-    parts.append("<h3>Params (params.yaml, validated, defaults filled in)</h3>" + (f"<pre>{_e(r.params_text)}</pre>" if r.params_text
-                                                      else "<p class='muted'>params.yaml not found</p>"))
+    parts.append(f"<h3>{_e(PARAMS_HEADING)}</h3>"
+                 + (f"<pre>{_e(r.params_text)}</pre>" if r.params_text else "<p class='muted'>no params</p>"))
     return "".join(parts)
 
 

@@ -168,15 +168,16 @@ class TrainingRun:
 
             def on_step_end(self, args, state, control, **kw):
                 run.step_seconds += time.perf_counter() - run._step_started
+                if state.global_step >= state.max_steps:
+                    # the final loss is logged and a final checkpoint exists, so a kill
+                    # during the final evaluation or save resumes with nothing to redo
+                    control.should_log = control.should_save = True
                 if run.interrupted:
                     control.should_save = True
                     control.should_training_stop = True
 
             def on_log(self, args, state, control, logs=None, **kw):
                 run._log(state, logs or {})
-
-            def on_train_end(self, args, state, control, **kw):
-                run._close_live()
 
         return [_Callback()]
 
@@ -207,9 +208,6 @@ class TrainingRun:
             self.live.log_metric("train/tokens_per_second", round(tokens / (self.step_seconds - self._seconds_logged), 2))
             self._tokens_logged, self._seconds_logged = state.num_input_tokens_seen, self.step_seconds
 
-    def _close_live(self) -> None:
-        self.live.make_summary()
-
     # ---- running
 
     def train(self, trainer) -> None:
@@ -226,10 +224,20 @@ class TrainingRun:
             raise KeyboardInterrupt
 
     def final_evaluation(self, trainer, has_eval: bool) -> None:
-        """Evaluate at the last step unless the trainer just did; then write DVCLive's summary."""
-        if has_eval and self.last_eval.get("step") != trainer.state.global_step:
+        """Evaluate at the last step unless the trainer just did.
+
+        DVCLive writes each tsv row as it is logged; its own summary (metrics.json) is
+        never written: metrics/<stage>.json is the stage's summary.
+        """
+        if not has_eval or self.last_eval.get("step") == trainer.state.global_step:
+            return
+        # a run resumed from its final checkpoint finds that evaluation in the restored history
+        done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        if done:
+            self.last_eval = {k[len("eval_"):]: v for k, v in done[-1].items() if k.startswith("eval_")}
+            self.last_eval["step"] = trainer.state.global_step
+        else:
             trainer.evaluate()
-        self._close_live()
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C stops at once

@@ -1,0 +1,44 @@
+"""The default benchmark suite (`make bench`): matmul peak, levers, train-sft, train-dpo, generation.
+
+    python -m benchmarks [--quick]        # --quick: 1 repeat each (a smoke run, noisy ratios)
+
+Each figure is a ratio against a baseline measured in the same run, interleaved;
+results go to benchmarks/results.json (atomically), tables to stdout. The full
+pipeline timing is opt-in (python -m benchmarks.pipeline): it takes many minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from benchmarks import dpo, generate, harness, levers, peak, sft
+
+
+def main(quick: bool = False) -> None:
+    repeats = 1 if quick else 2
+    ws = harness.workspace()
+    machine = harness.machine()
+    harness.save_results("machine", dict(machine, date=datetime.date.today().isoformat()))
+    print("machine:", machine)
+
+    peaks = peak.main()
+    harness.save_results("peak", peaks)
+    print("matmul peak:", peaks)
+
+    for name, run, show in (
+        ("levers", lambda: levers.main(repeats=3 if not quick else 1, ws=ws), levers.report),
+        ("sft", lambda: sft.main(steps=3, repeats=repeats, examples=24, ws=ws, peak=peaks), sft.report),
+        ("dpo", lambda: dpo.main(steps=2, repeats=repeats, ws=ws), dpo.report),
+        ("generate", lambda: generate.main(prompts=16, repeats=repeats, ws=ws), generate.report),
+    ):
+        result = run()
+        harness.save_results(name, result)
+        print("\n" + show(result), flush=True)
+    print(f"\nwrote {harness.RESULTS.relative_to(harness.REPO)}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one repeat of each (smoke run)")
+    main(p.parse_args().quick)

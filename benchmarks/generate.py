@@ -1,0 +1,122 @@
+"""evaluate's generation: tunepipe.generation's batched, left-padded generation vs one prompt at a time.
+
+    python -m benchmarks.generate [--prompts 16] [--repeats 2]
+
+Both sides decode greedily with the same GenerationConfig (params.evaluate:
+max_new_tokens, KV cache, stop at EOS) from the same base model and test prompts
+(data/templated/sft_test.jsonl, else the preference prompts). The naive side
+calls ``model.generate`` once per prompt (batch 1, no padding); ours is
+``tunepipe.generation.generate`` with params.evaluate.batch_size. Runs alternate
+in one process (naive, ours, naive, ours) and the medians are compared.
+Generated tokens count up to and including each answer's EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+
+def load_prompts(ws: Path, n: int) -> list[str]:
+    templated = ws / "data/templated/sft_test.jsonl"
+    if templated.is_file():
+        from tunepipe.artifacts import read_jsonl
+
+        return [r["prompt"] for r in read_jsonl(templated)][:n]
+    from datasets import load_from_disk
+
+    return list(load_from_disk(str(ws / "data/tokenized/pref"))["train"]["prompt"][:n])
+
+
+def naive_generate(model, tokenizer, prompts, decoding) -> list:
+    """The loop everyone writes first: one ``generate`` call per prompt, nothing padded."""
+    import torch
+
+    from tunepipe import generation as g
+
+    eos = g.eos_ids(model, tokenizer)
+    config = g.generation_config(decoding, eos=eos, pad_id=g.pad_id_for(model, tokenizer))
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for ids in g.encode_prompts(tokenizer, prompts):
+            input_ids = torch.tensor([ids])
+            tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    generation_config=config)[0, len(ids):].tolist()
+            out.append(g._split_answer(tokens, set(eos), decoding.max_new_tokens, tokenizer))
+    return out
+
+
+def measure(spec: dict) -> dict:
+    from transformers import set_seed
+
+    from tunepipe import generation as g
+    from tunepipe.modeling import fit_embeddings, load_model, load_tokenizer
+    from tunepipe.params import load_params
+
+    ws = Path(spec["workspace"])
+    cfg = load_params(spec.get("params") or harness.REPO / "params.yaml").evaluate
+    set_seed(0)
+    tokenizer = load_tokenizer(ws / "data/tokenized/tokenizer")
+    model = load_model(ws / "models/base")
+    fit_embeddings(model, tokenizer)
+    prompts = load_prompts(ws, spec["prompts"])
+    decoding = dataclasses.replace(g.Decoding.from_params(cfg), do_sample=False)  # greedy: outputs must match
+    sides = {
+        "naive": lambda: naive_generate(model, tokenizer, prompts, decoding),
+        "batched": lambda: g.generate(model, tokenizer, prompts, decoding, batch_size=cfg.batch_size),
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    outputs = {}
+    for _ in range(spec["repeats"]):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            gens = fn()
+            seconds = time.perf_counter() - start
+            tokens = sum(x.n_new_tokens for x in gens)
+            runs[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
+            outputs[name] = [x.text for x in gens]
+    mismatches = [i for i, (a, b) in enumerate(zip(outputs["naive"], outputs["batched"])) if a != b]
+    return {"runs": runs, "n_prompts": len(prompts), "batch_size": cfg.batch_size,
+            "max_new_tokens": cfg.max_new_tokens, "mismatches": mismatches,
+            "prompt_tokens": sum(len(x) for x in g.encode_prompts(tokenizer, prompts)),
+            "sample": {"prompt_tail": prompts[0][-80:], "naive": outputs["naive"][0], "batched": outputs["batched"][0]}}
+
+
+def main(prompts: int = 16, repeats: int = 2, ws: Path | None = None) -> dict:
+    ws = harness.workspace(ws)
+    raw = harness.run_worker("benchmarks.generate", {"workspace": str(ws), "prompts": prompts, "repeats": repeats,
+                                                     "variant": "naive+batched"})
+    rows = []
+    base = harness.median(raw["runs"]["naive"], "tokens_per_s")
+    for name, rs in raw["runs"].items():
+        tps = harness.median(rs, "tokens_per_s")
+        rows.append({"variant": name, "generated_tokens": rs[0]["tokens"], "seconds": round(harness.median(rs, "seconds"), 1),
+                     "tokens_per_s": round(tps, 2), "speedup": harness.ratio(tps, base)})
+    return {"command": f"python -m benchmarks.generate --prompts {prompts} --repeats {repeats}", "workspace": str(ws),
+            "rows": rows, "speedup": rows[1]["speedup"], "identical_outputs": not raw["mismatches"],
+            **{k: raw[k] for k in ("n_prompts", "batch_size", "max_new_tokens", "mismatches", "prompt_tokens",
+                                   "peak_rss_mib", "sample")}}
+
+
+def report(result: dict) -> str:
+    return (f"generation: {result['n_prompts']} prompts ({result['prompt_tokens']} prompt tokens), greedy, "
+            f"max_new_tokens {result['max_new_tokens']}, batch {result['batch_size']}\n"
+            + harness.table(result["rows"], ["variant", "generated_tokens", "seconds", "tokens_per_s", "speedup"])
+            + f"\nidentical greedy outputs: {result['identical_outputs']} (mismatched prompts: {result['mismatches']})")
+
+
+if __name__ == "__main__":
+    if not harness.worker_main(sys.argv, measure):
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--prompts", type=int, default=16)
+        p.add_argument("--repeats", type=int, default=2)
+        a = p.parse_args()
+        res = main(a.prompts, a.repeats)
+        harness.save_results("generate", res)
+        print(report(res))

@@ -1,0 +1,95 @@
+"""Smoke tests: the benchmark code paths run on the tiny model for 2 steps and give well-formed rows.
+
+No timing is asserted (the machine is shared); only that each side really trained
+or generated, that the rows carry every column, and that ratios are ratios.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.trainingdata import make_workdir, tiny_params
+
+PEAK = {"fp32_gflops": 10.0, "bf16_gflops": 0.5, "bf16_over_fp32": 0.05, "threads": 1, "cpu_capability": "AVX2"}
+
+
+@pytest.fixture(scope="module")
+def bench_ws(tmp_path_factory, tiny_model_dir, smol_tokenizer):
+    root = make_workdir(tmp_path_factory.mktemp("bench_ws"), tiny_model_dir, smol_tokenizer, n_sft=16, n_pref=8)
+    params = tiny_params(train_sft={"batch_size": 4}, train_dpo={"batch_size": 2},
+                         evaluate={"batch_size": 4, "max_new_tokens": 8})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return root
+
+
+def test_sft_rows_compare_baseline_and_ours(bench_ws, monkeypatch, tmp_path):
+    from benchmarks import harness, sft
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(harness, "SCRATCH", tmp_path)
+    calls = []
+
+    def worker(module, spec):  # the real subprocess path, with the tiny params
+        calls.append(spec["variant"])
+        return harness_run(module, dict(spec, params=str(bench_ws / "params.yaml")))
+
+    harness_run = harness.run_worker
+    monkeypatch.setattr(harness, "run_worker", worker)
+    res = sft.main(steps=2, repeats=1, examples=16, ws=bench_ws, peak=PEAK)
+
+    assert calls == ["baseline", "ours"]
+    base, ours = res["rows"]
+    assert (base["variant"], ours["variant"]) == ("baseline", "ours")
+    assert set(sft.COLUMNS) <= set(ours)
+    assert base["speedup"] == 1.0 and ours["speedup"] > 0
+    assert base["checkpointing"] and not ours["checkpointing"]
+    assert ours["padding_free"] and not base["padding_free"]
+    assert ours["padding_share"] == 0.0 and base["padding_share"] > 0
+    assert len(res["losses"]["ours"]) == len(res["losses"]["baseline"]) == 2
+    # B of LoRA starts at zero: the first step's loss is the base model's, padded or packed
+    assert res["step1_loss_diff"] < 1e-3
+    assert 0 < ours["mfu_fp32"] < ours["mfu_bf16"]
+    harness.save_results("sft", res)
+    assert json.loads((tmp_path / "results.json").read_text())["sft"]["rows"][1]["variant"] == "ours"
+    assert "| variant" in sft.report(res)
+
+
+def test_dpo_worker_trains_both_sides(bench_ws, tmp_path):
+    from benchmarks import dpo
+
+    out = {}
+    for variant in ("baseline", "ours"):
+        scratch = tmp_path / variant
+        scratch.mkdir()
+        out[variant] = dpo.train_once({"workspace": str(bench_ws), "params": str(bench_ws / "params.yaml"),
+                                       "steps": 2, "variant": variant, "scratch": str(scratch)})
+    assert out["baseline"]["checkpointing"] and not out["baseline"]["precompute"]
+    assert out["ours"]["precompute"] and not out["ours"]["checkpointing"]
+    for r in out.values():
+        assert r["steps"] == 2 and r["pairs"] == 4 and len(r["losses"]) == 2
+        assert r["pairs_per_s"] > 0 and r["pairs_per_s_end_to_end"] > 0
+
+
+def test_generate_compares_naive_and_batched(bench_ws, tmp_path):
+    from benchmarks import generate
+
+    r = generate.measure({"workspace": str(bench_ws), "params": str(bench_ws / "params.yaml"),
+                          "prompts": 6, "repeats": 1})
+    assert r["n_prompts"] == 6 and r["batch_size"] == 4
+    for side in ("naive", "batched"):
+        (run,) = r["runs"][side]
+        assert 0 < run["tokens"] <= 6 * 8 and run["tokens_per_s"] > 0
+    assert r["runs"]["naive"][0]["tokens"] == r["runs"]["batched"][0]["tokens"]
+    assert r["mismatches"] == []
+
+
+def test_table_formats_every_column():
+    from benchmarks.harness import ratio, table
+
+    text = table([{"a": 1.23456, "b": None}, {"a": 12345.6, "b": "x"}], ["a", "b"])
+    lines = text.splitlines()
+    assert lines[0].split("|")[1].strip() == "a" and "1.235" in lines[2] and "12346" in lines[3] and "-" in lines[2]
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0) is None
