@@ -96,12 +96,19 @@ def plain_trainer(model, tokenizer, train, cfg, seed, peft_config, output_dir):
     return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
 
 
-def main(steps: int = 3, repeats: int = 2, levers: bool = False, ws: Path | None = None) -> dict:
+def main(steps: int = 3, repeats: int = 2, levers: bool = False, ws: Path | None = None,
+         concurrent: bool = False) -> dict:
     ws = harness.workspace(ws)
     variants = ["baseline", "ours"] + (LEVERS if levers else [])
     spec = {"workspace": str(ws), "steps": steps}
-    runs = harness.interleaved(variants, repeats,
+    schedule = harness.concurrent if concurrent else harness.interleaved
+    runs = schedule(variants, repeats,
                                lambda v: harness.run_worker("benchmarks.dpo", dict(spec, variant=v)))
+    return summarize(runs, f"python -m benchmarks.dpo --steps {steps} --repeats {repeats}"
+                     + (" --levers" if levers else "") + (" --concurrent" if concurrent else ""), ws, steps, repeats)
+
+
+def summarize(runs: dict[str, list[dict]], command: str, ws: Path, steps: int, repeats: int) -> dict:
     base = harness.median(runs["baseline"], "pairs_per_s")
     base_e2e = harness.median(runs["baseline"], "pairs_per_s_end_to_end")
     rows = []
@@ -113,8 +120,7 @@ def main(steps: int = 3, repeats: int = 2, levers: bool = False, ws: Path | None
                      "peak_rss_mib": harness.median(rs, "peak_rss_mib"),
                      "final_loss": round(harness.median(rs, "final_loss"), 4),
                      "checkpointing": rs[0]["checkpointing"], "precompute": rs[0]["precompute"]})
-    return {"command": f"python -m benchmarks.dpo --steps {steps} --repeats {repeats}" + (" --levers" if levers else ""),
-            "workspace": str(ws), "steps": steps, "repeats": repeats, "rows": rows,
+    return {"command": command, "workspace": str(ws), "steps": steps, "repeats": repeats, "rows": rows,
             "speedup": rows[1]["speedup"], "speedup_end_to_end": rows[1]["speedup_end_to_end"],
             "losses": {v: r[0]["losses"] for v, r in runs.items()}}
 
@@ -134,7 +140,9 @@ if __name__ == "__main__":
         p.add_argument("--steps", type=int, default=3)
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--levers", action="store_true", help="also run one variant per lever")
+        p.add_argument("--concurrent", action="store_true",
+                       help="run the variants at the same time (a machine shared with other jobs)")
         a = p.parse_args()
-        res = main(a.steps, a.repeats, a.levers)
+        res = main(a.steps, a.repeats, a.levers, concurrent=a.concurrent)
         harness.save_results("dpo", res)
         print(report(res))

@@ -80,6 +80,7 @@ def measure(spec: dict) -> dict:
             seconds = time.perf_counter() - start
             tokens = sum(x.n_new_tokens for x in gens)
             runs[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
+            print(f"[bench] {name}: {tokens} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
             outputs[name] = [x.text for x in gens]
     mismatches = [i for i, (a, b) in enumerate(zip(outputs["naive"], outputs["batched"])) if a != b]
     return {"runs": runs, "n_prompts": len(prompts), "batch_size": cfg.batch_size,

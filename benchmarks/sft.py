@@ -161,21 +161,27 @@ def measured(steps: int, ends: list[float], counter: TokenCounter, flops: dict, 
 
 
 def main(steps: int = 4, repeats: int = 2, examples: int = 64, levers: bool = False,
-         ws: Path | None = None, peak: dict | None = None) -> dict:
+         ws: Path | None = None, peak: dict | None = None, concurrent: bool = False) -> dict:
     from benchmarks import peak as peak_mod
 
     ws = harness.workspace(ws)
     peak = peak or peak_mod.main()
     variants = ["baseline", "ours"] + (LEVERS if levers else [])
     spec = {"workspace": str(ws), "steps": steps, "examples": examples}
-    runs = harness.interleaved(variants, repeats,
+    schedule = harness.concurrent if concurrent else harness.interleaved
+    runs = schedule(variants, repeats,
                                lambda v: harness.run_worker("benchmarks.sft", dict(spec, variant=v)))
+    command = (f"python -m benchmarks.sft --steps {steps} --repeats {repeats} --examples {examples}"
+               + (" --levers" if levers else "") + (" --concurrent" if concurrent else ""))
+    return result_of(runs, peak, command, ws, steps, repeats, examples)
+
+
+def result_of(runs: dict[str, list[dict]], peak: dict, command: str, ws: Path, steps: int, repeats: int,
+              examples: int) -> dict:
     rows = summarize(runs, peak)
-    result = {"command": f"python -m benchmarks.sft --steps {steps} --repeats {repeats} --examples {examples}"
-                         + (" --levers" if levers else ""),
-              "workspace": str(ws), "steps": steps, "repeats": repeats, "examples": examples, "peak": peak,
-              "rows": rows, "losses": {v: r[0]["losses"] for v, r in runs.items()}}
-    ours, base = rows[1], rows[0]
+    result = {"command": command, "workspace": str(ws), "steps": steps, "repeats": repeats, "examples": examples,
+              "peak": peak, "rows": rows, "losses": {v: r[0]["losses"] for v, r in runs.items()}}
+    base, ours = rows[0], rows[1]
     result["speedup"] = ours["speedup"]
     result["loss_ok"] = ours["final_loss"] <= base["final_loss"] + 1e-3
     result["step1_loss_diff"] = abs(ours["first_loss"] - base["first_loss"])
@@ -219,7 +225,9 @@ if __name__ == "__main__":
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--examples", type=int, default=64)
         p.add_argument("--levers", action="store_true", help="also run one variant per lever")
+        p.add_argument("--concurrent", action="store_true",
+                       help="run the variants at the same time (a machine shared with other jobs)")
         a = p.parse_args()
-        res = main(a.steps, a.repeats, a.examples, a.levers)
+        res = main(a.steps, a.repeats, a.examples, a.levers, concurrent=a.concurrent)
         harness.save_results("sft", res)
         print(report(res))

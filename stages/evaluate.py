@@ -72,10 +72,25 @@ def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
             raise StageError(f"{path} is missing; it is needed to evaluate '{name}' (dvc repro first, "
                              "or drop it from evaluate.models)")
     model = load_merged(start, adapters, tokenizer, trust_remote_code=trust_remote_code).eval()
+    model.to(_device())
     # load_merged sets the tokenizer's EOS as the generation EOS; keep any other stop id the
     # model folder declares (Llama 3 stops on several).
     stops = set(eos_ids(model, tokenizer)) | generation_eos_ids(start)
     return model, sorted(stops)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg) -> tuple[dict, list[dict], list[dict]]:
@@ -118,11 +133,10 @@ def score_preferences(name, model, tokenizer, rows, cfg) -> tuple[dict, list[dic
     """Summed log-probabilities of the chosen and rejected answers of each test pair."""
     from tunepipe import metrics
 
-    prompts = [r["prompt"] for r in rows]
-    chosen = metrics.completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows],
-                                         batch_size=cfg.batch_size, desc=f"{name}: chosen")
-    rejected = metrics.completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows],
-                                           batch_size=cfg.batch_size, desc=f"{name}: rejected")
+    pairs = metrics.completion_set_logprobs(model, tokenizer, [r["prompt"] for r in rows],
+                                            [[r["chosen"], r["rejected"]] for r in rows],
+                                            batch_size=cfg.batch_size, desc=f"{name}: preference pairs")
+    chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]
     out = [{
         "model": name, "id": row.get("id"), "family": (row.get("meta") or {}).get("family"),
         "rejected_kind": (row.get("meta") or {}).get("rejected_kind"),
@@ -156,15 +170,15 @@ def main(params: Params) -> None:
 
     # ---------------------------------------------------------------- evaluate, one model at a time
     summaries, gen_rows, pref_out = {}, [], []
-    for name in cfg.models:
+    for name in dict.fromkeys(cfg.models):  # each once, in the order given
         started = time.perf_counter()
         set_seed(params.shared.seed)  # same seed per model: its results do not depend on the models before it
         model, stops = load_for_eval(name, tokenizer, params.shared.trust_remote_code)
         summaries[name], gens, prefs = evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg)
         gen_rows += gens
         pref_out += prefs
-        del model
-        gc.collect()
+        del model  # free it before the next one is loaded
+        _release_memory()
         log.info("%s: %s (%.0f s)", name, _headline(summaries[name]), time.perf_counter() - started)
 
     # ---------------------------------------------------------------- save

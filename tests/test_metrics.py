@@ -194,17 +194,47 @@ def test_preference_accuracy_on_a_model_that_must_prefer_chosen(smol_tokenizer):
     assert metrics.preference(chosen, chosen)["pref_accuracy"] == 0.0  # ties are not wins
 
 
+def direct_logprob(model, tok, prompt, completion):
+    """log p(completion + EOS | prompt) from one unpadded forward pass and full logits."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+    return sum(float(full[len(p) - 1 + j, t]) for j, t in enumerate(c)), len(c)
+
+
+PAIR_PROMPTS = ["Name a colour.", "A longer prompt: name two animals, please.", "Hi"]
+PAIRS = [["red", "the colour of the sky on a clear day"], ["cat and dog", "no"], ["hello there", "hi"]]
+
+
 def test_scores_match_a_direct_computation(tiny_model_dir, smol_tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    got = metrics.completion_logprobs(model, smol_tokenizer, PAIR_PROMPTS, [c for c, _ in PAIRS], batch_size=3)
+    for prompt, (completion, _), (logp, n) in zip(PAIR_PROMPTS, PAIRS, got):
+        expected, length = direct_logprob(model, smol_tokenizer, prompt, completion)
+        assert n == length and logp == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_pairs_share_the_prompt_and_match_a_direct_computation(tiny_model_dir, smol_tokenizer, batch_size):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    got = metrics.completion_set_logprobs(model, smol_tokenizer, PAIR_PROMPTS, PAIRS, batch_size=batch_size)
+    for prompt, pair, scores in zip(PAIR_PROMPTS, PAIRS, got):
+        assert len(scores) == 2
+        for completion, (logp, n) in zip(pair, scores):
+            expected, length = direct_logprob(model, smol_tokenizer, prompt, completion)
+            assert n == length and logp == pytest.approx(expected, abs=1e-4)
+
+
+def test_pairs_without_a_kv_cache_are_scored_one_by_one(smol_tokenizer):
     tok = smol_tokenizer
-    prompts, completions = ["Name a colour.", "A longer prompt: name two animals, please."], ["red", "cat and dog"]
-    got = metrics.completion_logprobs(model, tok, prompts, completions, batch_size=2)
-    for prompt, completion, (logp, n) in zip(prompts, completions, got):
-        p = tok(prompt, add_special_tokens=False).input_ids
-        c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
-        expected = sum(float(full[len(p) - 1 + j, t]) for j, t in enumerate(c))
-        assert n == len(c) and logp == pytest.approx(expected, abs=1e-4)
+    model = FixedLM(favouring(tok, tok("red", add_special_tokens=False).input_ids))
+    pairs = metrics.completion_set_logprobs(model, tok, PAIR_PROMPTS, PAIRS)
+    singles = [metrics.completion_logprobs(model, tok, PAIR_PROMPTS, [p[i] for p in PAIRS]) for i in (0, 1)]
+    assert [[s for s in pair] for pair in pairs] == [list(x) for x in zip(*singles)]
+    with pytest.raises(ValueError, match="same number of completions"):
+        metrics.completion_set_logprobs(model, tok, ["a", "b"], [["x"], ["y", "z"]])

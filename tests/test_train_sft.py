@@ -187,3 +187,24 @@ def test_qlora_trains_on_cpu(workdir):
     config = json.loads(Path("models/sft/adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     assert json.loads(Path("metrics/train_sft.json").read_text())["steps"] == 2
+
+
+def test_metrics_logging_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
+    """Plain DVCLive fails there ('Empty git repo'); the stages only need its tsv plots."""
+    import subprocess
+
+    from tunepipe.training import _plots_only_live, _truncate_plots
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    live = _plots_only_live(Path("metrics/run"), resume=False)
+    for step, loss in [(1, 2.0), (2, 1.5), (3, 1.0)]:
+        live.step = step
+        live.log_metric("train/loss", loss)
+    _truncate_plots(Path("metrics/run/plots"), 2)  # what a resume from checkpoint-2 does
+    live = _plots_only_live(Path("metrics/run"), resume=True)
+    live.step = 3
+    live.log_metric("train/loss", 0.9)
+    rows = (tmp_path / "metrics/run/plots/metrics/train/loss.tsv").read_text().split()
+    assert rows == ["step", "loss", "1", "2.0", "2", "1.5", "3", "0.9"]
+    assert not (tmp_path / "metrics/run/metrics.json").exists()

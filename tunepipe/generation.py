@@ -7,7 +7,7 @@ prompt at a time: left padding plus the attention mask leave each row's tokens
 and positions unchanged.
 
     decoding = Decoding.from_params(params.evaluate)
-    outs = generate(model, tokenizer, prompts, decoding, batch_size=16)
+    outs = generate(model, tokenizer, prompts, decoding, batch_size=48)
     outs[0].text, outs[0].n_new_tokens, outs[0].stopped_at_eos, outs[0].truncated
 """
 
@@ -108,7 +108,7 @@ def generate(model, tokenizer, prompts: Sequence[str], decoding: Decoding = Deco
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                input_ids, attention = _left_pad([encoded[i] for i in batch], pad_id)
+                input_ids, attention = left_pad([encoded[i] for i in batch], pad_id)
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                      generation_config=config)
                 new_tokens = out[:, input_ids.shape[1]:].tolist()
@@ -120,7 +120,8 @@ def generate(model, tokenizer, prompts: Sequence[str], decoding: Decoding = Deco
     return results
 
 
-def _left_pad(rows: list[list[int]], pad_id: int):
+def left_pad(rows: list[list[int]], pad_id: int):
+    """(ids, attention mask) with each row's tokens at the right end."""
     import torch
 
     width = max(len(r) for r in rows)

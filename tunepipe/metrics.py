@@ -171,35 +171,96 @@ def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: S
     The prompt and completion are tokenized separately by the tokenize stage's
     rules (tunepipe.tokenization), so the scored tokens are the trained ones.
     """
+    _same_length(prompts, completions)
+    sets = completion_set_logprobs(model, tokenizer, prompts, [[c] for c in completions], batch_size=batch_size,
+                                   append_eos=append_eos, desc=desc)
+    return [scores[0] for scores in sets]
+
+
+def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion_sets: Sequence[Sequence[str]], *,
+                            batch_size: int = 8, append_eos: bool = True,
+                            desc: str = "score") -> list[list[tuple[float, int]]]:
+    """``completion_logprobs`` for k completions of each prompt (a chosen and a rejected
+    answer: k=2). Each prompt runs through the model once and its KV cache serves all
+    k completions, which halves the work on preference pairs (prompts are most of it)."""
     import torch
     from tqdm.auto import tqdm
 
     from tunepipe.generation import encode_prompts, pad_id_for
     from tunepipe.tokenization import encode_answers
 
-    _same_length(prompts, completions)
+    _same_length(prompts, completion_sets)
+    if len({len(cs) for cs in completion_sets}) > 1:
+        raise ValueError("every prompt needs the same number of completions")
     prompt_ids = encode_prompts(tokenizer, prompts)
-    completion_ids = encode_answers(tokenizer, list(completions)) if completions else []
-    if append_eos:
-        completion_ids = [ids + [tokenizer.eos_token_id] for ids in completion_ids]
-    rows = [(p, c) for p, c in zip(prompt_ids, completion_ids)]
-    order = sorted(range(len(rows)), key=lambda i: (-sum(map(len, rows[i])), i))
-    pad_id = pad_id_for(model, tokenizer)
-    device = next(model.parameters()).device
-    out: list[Optional[tuple[float, int]]] = [None] * len(rows)
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    rows = [(p, [c + eos for c in encode_answers(tokenizer, list(cs))]) for p, cs in zip(prompt_ids, completion_sets)]
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]) - max(map(len, rows[i][1]), default=0), i))
+    score = _score_shared_batch if _accepts(model, "past_key_values") else _score_separately
+    per_batch = max(1, batch_size // max(1, len(rows[0][1]))) if rows else 1  # sequences per pass ~ batch_size
+    pad_id, device = pad_id_for(model, tokenizer), next(model.parameters()).device
+    out: list[Optional[list]] = [None] * len(rows)
 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="seq") as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                for i, score in zip(batch, _score_batch(model, [rows[i] for i in batch], pad_id, device)):
-                    out[i] = score
+        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
+            for start in range(0, len(order), per_batch):
+                batch = order[start:start + per_batch]
+                for i, scores in zip(batch, score(model, [rows[i] for i in batch], pad_id, device)):
+                    out[i] = scores
                 bar.update(len(batch))
     finally:
         model.train(was_training)
     return out
+
+
+def _score_separately(model, rows, pad_id: int, device) -> list[list[tuple[float, int]]]:
+    """For a model without a KV cache: each (prompt, completion) as its own sequence."""
+    k = len(rows[0][1])
+    flat = _score_batch(model, [(p, c) for p, cs in rows for c in cs], pad_id, device)
+    return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
+
+
+def _score_shared_batch(model, rows, pad_id: int, device) -> list[list[tuple[float, int]]]:
+    """One pass over the left-padded prompts fills the KV cache; repeated k times, it
+    lets one pass over the right-padded completions score all of them."""
+    import torch
+
+    from tunepipe.generation import left_pad
+
+    k = len(rows[0][1])
+    ids_p, att_p = left_pad([p for p, _ in rows], pad_id)
+    pos_p = (att_p.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    first = model(input_ids=ids_p.to(device), attention_mask=att_p.to(device), position_ids=pos_p.to(device),
+                  use_cache=True, **extra)
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(k)
+
+    comps = [c for _, cs in rows for c in cs]
+    width = max(max(map(len, comps)), 1)
+    ids_c = torch.full((len(comps), width), pad_id, dtype=torch.long)
+    att_c = torch.zeros_like(ids_c)
+    for j, c in enumerate(comps):  # right padding: pads only after the real tokens
+        ids_c[j, :len(c)] = torch.tensor(c, dtype=torch.long)
+        att_c[j, :len(c)] = 1
+    att_p_k = att_p.repeat_interleave(k, 0)
+    positions = att_p_k.sum(-1, keepdim=True) + torch.arange(width)[None]  # continue each prompt's count
+    rest = model(input_ids=ids_c.to(device), attention_mask=torch.cat([att_p_k, att_c], -1).to(device),
+                 position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
+    ids_c, att_c = ids_c.to(device), att_c.to(device).bool()
+
+    # the prompt's last logits predict completion token 0; completion logits at j predict token j+1
+    head = first.logits[:, -1].float().repeat_interleave(k, 0)
+    logp = (head.gather(-1, ids_c[:, :1]) - torch.logsumexp(head, -1, keepdim=True)).squeeze(-1) * att_c[:, 0]
+    mask = att_c[:, 1:]
+    picked = rest[:, :-1][mask].float()
+    token_logp = picked.gather(-1, ids_c[:, 1:][mask][:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    sums = logp.index_add(0, mask.nonzero()[:, 0], token_logp)
+    counts = att_c.sum(-1)
+    flat = [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
+    return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
 
 
 def _score_batch(model, rows, pad_id: int, device) -> list[tuple[float, int]]:

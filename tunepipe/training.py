@@ -184,13 +184,11 @@ class TrainingRun:
     # ---- DVCLive
 
     def _open_live(self, state) -> None:
-        from dvclive import Live
-
         resumed_step = state.global_step if self.resume_from is not None else 0
         if resumed_step:
             # rows logged after the checkpoint was taken are logged again by the resumed run
             _truncate_plots(self.live_dir / "plots", resumed_step)
-        self.live = Live(dir=str(self.live_dir), resume=bool(resumed_step), dvcyaml=None, save_dvc_exp=False)
+        self.live = _plots_only_live(self.live_dir, resume=bool(resumed_step))
         self.tokens_at_start = self._tokens_logged = state.num_input_tokens_seen
         self._seconds_logged = self.step_seconds = 0.0
 
@@ -261,6 +259,21 @@ class TrainingRun:
             "peak_rss_mib": peak_rss_mib(),
             "resumed_from_step": _checkpoint_step(self.resume_from),
         }
+
+
+def _plots_only_live(live_dir: Path, resume: bool):
+    """DVCLive writing tsv plots only.
+
+    Its repository hooks (experiments, dvc.yaml, Studio) are skipped: dvc.yaml already
+    declares these files, and the hooks fail in a git repo without commits.
+    """
+    from dvclive import Live
+
+    class PlotsOnlyLive(Live):
+        def _init_dvc(self):
+            pass
+
+    return PlotsOnlyLive(dir=str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False)
 
 
 def _checkpoint_step(path: Optional[Path]) -> Optional[int]:
