@@ -195,7 +195,7 @@ def summarize(runs: dict[str, list[dict]], peak: dict) -> list[dict]:
         tps = harness.median(rs, "tokens_per_s")
         gflops = harness.median(rs, "model_gflops_per_s")
         rows.append({
-            "variant": variant, "tokens_per_s": round(tps, 1), "speedup": harness.ratio(tps, base_tps),
+            "variant": variant, "tokens_per_s": round(tps, 4), "speedup": harness.ratio(tps, base_tps),
             "peak_rss_mib": harness.median(rs, "peak_rss_mib"),
             "padding_share": round(1 - rs[0]["real_tokens"] / rs[0]["padded_tokens"], 3),
             "mfu_fp32": harness.ratio(gflops, peak["fp32_gflops"], 3),

@@ -120,3 +120,32 @@ def test_merge_check_catches_a_mismatch(workdir, monkeypatch):
     with pytest.raises(StageError, match="differs from base \\+ adapters"):
         merge.main(tiny_params(merge={"check_atol": 1e-6}))
     assert not Path("models/final").exists()
+
+
+def test_full_fine_tuning_chain(tmp_path, monkeypatch, tiny_model_dir, smol_tokenizer):
+    """method: full saves whole models; DPO's reference is then a frozen copy of the SFT model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stages import merge, train_dpo, train_sft
+
+    make_workdir(tmp_path, tiny_model_dir, smol_tokenizer, n_sft=8, n_pref=4)
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params(train_sft={"method": "full", "max_steps": 1, "learning_rate": 1e-3},
+                         train_dpo={"method": "full", "max_steps": 1, "learning_rate": 1e-3,
+                                    "precompute_ref_log_probs": False})
+    train_sft.main(params)
+    train_dpo.main(params)
+    for stage in ("sft", "dpo"):
+        assert (tmp_path / f"models/{stage}/config.json").is_file()
+        assert not (tmp_path / f"models/{stage}/adapter_config.json").exists()
+    base, sft = load_file("models/base/model.safetensors"), load_file("models/sft/model.safetensors")
+    assert any(not torch.equal(base[k], sft[k]) for k in base)
+    # step 1 is logged before the first update: policy == reference, so the reference is the SFT model
+    rewards = json.loads(Path("metrics/train_dpo.json").read_text())
+    assert abs(rewards["rewards_chosen"]) < 1e-4 and abs(rewards["rewards_rejected"]) < 1e-4
+
+    assert merge.merge_plan(Path("models/base"), [Path("models/sft"), Path("models/dpo")]) == (Path("models/dpo"), [])
+    merge.main(params)
+    final, dpo = load_file("models/final/model.safetensors"), load_file("models/dpo/model.safetensors")
+    assert all(torch.equal(final[k], dpo[k]) for k in dpo)

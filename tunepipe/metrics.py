@@ -1,13 +1,15 @@
 """Evaluation metrics: text overlap, likelihoods, preferences, generation health, task accuracy.
 
 Text metrics (no model):
-    rouge(preds, refs)            -> ({"rouge1", "rouge2", "rougeL", "rougeLsum"}, per-item rougeL)
+    rouge(preds, refs)            -> ({"rouge1", "rouge2", "rougeL", "rougeLsum"}, per-item scores)
     bleu(preds, refs)             -> corpus BLEU in [0, 1]
-    health(generations, refs, n)  -> mean length, EOS / repeat / truncation rates
+    health(generations, n)        -> mean length, EOS / repeat / truncation rates
+    failure_kinds(verdict, gen, ref, n) -> e.g. ["wrong_answer", "no_stop"]
     task_accuracy(metas, results) -> overall and per-family accuracy from tasks.check
 
 Model scores (torch imported on use):
-    completion_logprobs(model, tok, prompts, completions) -> [(summed log-prob, n tokens)]
+    completion_logprobs(model, tok, prompts, completions)   -> [(summed log-prob, n tokens)]
+    completion_set_logprobs(model, tok, prompts, [[chosen, rejected], ...]) -> the same, per pair
     perplexity(scores)            -> exp(mean token NLL) over completion tokens only
     preference(chosen, rejected)  -> share of pairs preferring chosen, mean margin
 
@@ -182,7 +184,7 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
                             desc: str = "score") -> list[list[tuple[float, int]]]:
     """``completion_logprobs`` for k completions of each prompt (a chosen and a rejected
     answer: k=2). Each prompt runs through the model once and its KV cache serves all
-    k completions, which halves the work on preference pairs (prompts are most of it)."""
+    k completions, which nearly halves the work on preference pairs (prompts are most of it)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -197,7 +199,6 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
     rows = [(p, [c + eos for c in encode_answers(tokenizer, list(cs))]) for p, cs in zip(prompt_ids, completion_sets)]
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]) - max(map(len, rows[i][1]), default=0), i))
     score = _score_shared_batch if _accepts(model, "past_key_values") else _score_separately
-    per_batch = max(1, batch_size // max(1, len(rows[0][1]))) if rows else 1  # sequences per pass ~ batch_size
     pad_id, device = pad_id_for(model, tokenizer), next(model.parameters()).device
     out: list[Optional[list]] = [None] * len(rows)
 
@@ -205,8 +206,8 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
-            for start in range(0, len(order), per_batch):
-                batch = order[start:start + per_batch]
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
                 for i, scores in zip(batch, score(model, [rows[i] for i in batch], pad_id, device)):
                     out[i] = scores
                 bar.update(len(batch))
@@ -216,57 +217,60 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
 
 
 def _score_separately(model, rows, pad_id: int, device) -> list[list[tuple[float, int]]]:
-    """For a model without a KV cache: each (prompt, completion) as its own sequence."""
+    """For a model that takes no KV cache: each (prompt, completion) on its own."""
     k = len(rows[0][1])
     flat = _score_batch(model, [(p, c) for p, cs in rows for c in cs], pad_id, device)
     return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
 
 
 def _score_shared_batch(model, rows, pad_id: int, device) -> list[list[tuple[float, int]]]:
-    """One pass over the left-padded prompts fills the KV cache; repeated k times, it
-    lets one pass over the right-padded completions score all of them."""
+    """One pass over the left-padded prompts fills the KV cache; each of the k
+    completion sets then continues from (a copy of) it, padded only to its own
+    longest member (a 3-token chosen answer is not padded to a 60-token rejected one)."""
+    import copy
+
     import torch
 
     from tunepipe.generation import left_pad
 
-    k = len(rows[0][1])
     ids_p, att_p = left_pad([p for p, _ in rows], pad_id)
-    pos_p = (att_p.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    first = model(input_ids=ids_p.to(device), attention_mask=att_p.to(device), position_ids=pos_p.to(device),
-                  use_cache=True, **extra)
-    cache = first.past_key_values
-    cache.batch_repeat_interleave(k)
+    first = model(input_ids=ids_p.to(device), attention_mask=att_p.to(device),
+                  position_ids=(att_p.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, **extra)
+    head = first.logits[:, -1].float()  # predicts each completion's first token
+    k = len(rows[0][1])
+    scores = []
+    for j in range(k):
+        cache = first.past_key_values if j == k - 1 else copy.deepcopy(first.past_key_values)
+        scores.append(_continue_and_score(model, cache, att_p, head, [cs[j] for _, cs in rows], pad_id, device))
+    return [list(per_row) for per_row in zip(*scores)]
 
-    comps = [c for _, cs in rows for c in cs]
+
+def _continue_and_score(model, cache, att_p, head, comps, pad_id: int, device) -> list[tuple[float, int]]:
+    import torch
+
     width = max(max(map(len, comps)), 1)
-    ids_c = torch.full((len(comps), width), pad_id, dtype=torch.long)
-    att_c = torch.zeros_like(ids_c)
-    for j, c in enumerate(comps):  # right padding: pads only after the real tokens
-        ids_c[j, :len(c)] = torch.tensor(c, dtype=torch.long)
-        att_c[j, :len(c)] = 1
-    att_p_k = att_p.repeat_interleave(k, 0)
-    positions = att_p_k.sum(-1, keepdim=True) + torch.arange(width)[None]  # continue each prompt's count
-    rest = model(input_ids=ids_c.to(device), attention_mask=torch.cat([att_p_k, att_c], -1).to(device),
-                 position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
-    ids_c, att_c = ids_c.to(device), att_c.to(device).bool()
-
-    # the prompt's last logits predict completion token 0; completion logits at j predict token j+1
-    head = first.logits[:, -1].float().repeat_interleave(k, 0)
-    logp = (head.gather(-1, ids_c[:, :1]) - torch.logsumexp(head, -1, keepdim=True)).squeeze(-1) * att_c[:, 0]
-    mask = att_c[:, 1:]
-    picked = rest[:, :-1][mask].float()
-    token_logp = picked.gather(-1, ids_c[:, 1:][mask][:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-    sums = logp.index_add(0, mask.nonzero()[:, 0], token_logp)
-    counts = att_c.sum(-1)
-    flat = [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
-    return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
+    ids = torch.full((len(comps), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for r, c in enumerate(comps):  # right padding: pads only after the real tokens
+        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        att[r, :len(c)] = 1
+    positions = att_p.sum(-1, keepdim=True) + torch.arange(width)[None]  # continue each prompt's count
+    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([att_p, att], -1).to(device),
+                   position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
+    ids, att = ids.to(device), att.to(device).bool()
+    first = (head.gather(-1, ids[:, :1]) - torch.logsumexp(head, -1, keepdim=True)).squeeze(-1) * att[:, 0]
+    mask = att[:, 1:]  # logits at j predict token j+1
+    picked = logits[:, :-1][mask].float()
+    token_logp = picked.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    sums = first.index_add(0, mask.nonzero()[:, 0], token_logp)
+    return [(float(s), int(n)) for s, n in zip(sums.tolist(), att.sum(-1).tolist())]
 
 
 def _score_batch(model, rows, pad_id: int, device) -> list[tuple[float, int]]:
-    """Left-pad so every completion ends at the last position: the LM head then
-    runs only on the last (longest completion + 1) positions instead of the
-    whole prompt, the largest saving on a 49k-token vocabulary."""
+    """Each (prompt, completion) as one sequence, left-padded so every completion
+    ends at the last position: the LM head then runs only on the last (longest
+    completion + 1) positions instead of the whole prompt."""
     import torch
 
     width = max(len(p) + len(c) for p, c in rows)
