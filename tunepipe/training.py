@@ -6,6 +6,8 @@
     run = TrainingRun("metrics/train_sft", resume)                # DVCLive + Ctrl-C handling
     trainer = SFTTrainer(..., callbacks=run.callbacks())
     run.train(trainer)                                            # KeyboardInterrupt after a saved checkpoint
+    run.final_evaluation(trainer, has_eval=True)
+    write_json("metrics/train_sft.json", run.summary(trainer))
 
 Checkpoints resume only when they were written under the same params and
 inputs (the fingerprint); anything else is deleted with a log line saying so,
