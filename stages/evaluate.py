@@ -161,7 +161,7 @@ def main(params: Params) -> None:
     # ---------------------------------------------------------------- tokenizer
     from transformers import set_seed
 
-    from tunepipe.modeling import load_tokenizer
+    from tunepipe.modeling import load_tokenizer, set_cpu_threads
 
     if not TOKENIZER.is_dir():
         raise StageError(f"{TOKENIZER} is missing; run the tokenize stage first (dvc repro tokenize)")
@@ -169,6 +169,7 @@ def main(params: Params) -> None:
     tokenizer.padding_side = "left"  # generation pads on the left (generate() pads explicitly as well)
 
     # ---------------------------------------------------------------- evaluate, one model at a time
+    set_cpu_threads()  # only the free cores: a busy core makes every torch op wait
     summaries, gen_rows, pref_out = {}, [], []
     for name in dict.fromkeys(cfg.models):  # each once, in the order given
         started = time.perf_counter()
