@@ -67,7 +67,7 @@ def test_dpo_trains_against_the_sft_model(workdir):
 def test_changed_sft_model_does_not_resume(workdir, monkeypatch, caplog):
     from stages import train_dpo
 
-    params = tiny_params(train_dpo={"max_steps": 3, "eval_steps": 10, "save_steps": 1})
+    params = tiny_params(train_dpo={"max_steps": 2, "eval_steps": 10, "save_steps": 1})
     with monkeypatch.context() as m:
         interrupt_at(m, 1)
         with pytest.raises(KeyboardInterrupt):

@@ -15,6 +15,7 @@ this module is cheap (stages import it before params are validated).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -167,6 +168,7 @@ def load_merged(base_dir: str | Path, stage_dirs: Iterable[str | Path], tokenize
 # --------------------------------------------------------------------------- compute
 
 
+@functools.lru_cache(maxsize=None)  # decided once per process (each stage is one)
 def set_cpu_threads() -> int:
     """Torch CPU threads: every free core, measured now; TUNEPIPE_THREADS overrides.
 
