@@ -24,7 +24,7 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (load_for_training, load_tokenizer, resolve_precision, set_cpu_threads,
                                trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import TrainingRun, prepare_checkpoints, save_model_dir, stage_fingerprint, trainer_arguments
+from tunepipe.training import TrainingRun, launch_processes, resume_point, save_trained, trainer_arguments
 
 log = logging.getLogger("tunepipe.train_dpo")
 
@@ -43,8 +43,9 @@ def main(params: Params) -> None:
     for needed in (TOKENIZED / "pref", TOKENIZED / "tokenizer", BASE, SFT):
         if not needed.exists():
             raise StageError(f"{needed}: missing; run the earlier stages first (dvc repro)")
-    fingerprint = stage_fingerprint(cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE, "models/sft": SFT})
-    resume = prepare_checkpoints(CHECKPOINTS, fingerprint)
+    resume = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE, "models/sft": SFT})
+    if launch_processes(params, "train_dpo", CHECKPOINTS):  # num_processes > 1: this stage again, under accelerate
+        return
     precision = resolve_precision(cfg.precision)
 
     from transformers import set_seed
@@ -82,7 +83,9 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    save_model_dir(trainer.model, tokenizer if cfg.method == "full" else None, OUT)
+    save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT)
+    if not trainer.is_world_process_zero():
+        return
     summary = run.summary(trainer)
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
     summary.update({k.replace("/", "_"): _round(last.get(k)) for k in REWARD_KEYS})

@@ -73,6 +73,18 @@ def test_dpo_prompt_length_must_fit(tmp_path):
         load_params(p)
 
 
+@pytest.mark.parametrize("text,expect", [
+    ("train_sft:\n  method: qlora\n  num_processes: 2\n  distributed: fsdp\n",
+     r"train_sft.*'qlora' with distributed 'fsdp' is not supported; use 'ddp'"),
+    ("train_dpo:\n  num_processes: 2\n  precompute_ref_log_probs: true\n",
+     r"train_dpo.*precompute_ref_log_probs needs num_processes 1"),
+    ("train_sft:\n  distributed: deepspeed\n", r":2: train_sft\.distributed: .*deepspeed_zero2"),
+])
+def test_distributed_conflicts_are_refused(tmp_path, text, expect):
+    with pytest.raises(ParamsError, match=expect):
+        load_params(write(tmp_path, text))
+
+
 def test_source_requirements(tmp_path):
     p = write(tmp_path, "fetch:\n  sft:\n    source: local\n")
     with pytest.raises(ParamsError, match="source=local needs 'path'"):

@@ -110,6 +110,10 @@ def load_model(path: str | Path, *, dtype: str = "float32", trust_remote_code: b
     kwargs = {"dtype": torch_dtype(dtype), "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        import torch
+
+        if torch.cuda.is_available():  # 4-bit weights cannot move after loading: each process loads onto its GPU
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -183,6 +187,8 @@ def set_cpu_threads() -> int:
         n = int(os.environ["TUNEPIPE_THREADS"])
     elif torch.cuda.is_available():
         return torch.get_num_threads()
+    elif "LOCAL_WORLD_SIZE" in os.environ:  # one of several training processes on this machine: share the cores
+        n = max(1, len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"]))
     else:
         cores = len(os.sched_getaffinity(0))
         n = max(1, cores - round(_busy_cores(cores)))

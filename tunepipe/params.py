@@ -173,13 +173,21 @@ class TrainCommon(Section):
     eval_steps: int = Field(20, gt=0)
     save_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, gt=0)
-    num_processes: int = Field(1, ge=1, description=">1 relaunches the stage under accelerate")
-    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_processes: int = Field(1, ge=1, description=">1 relaunches the stage under accelerate launch (one per GPU)")
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="with num_processes > 1: configs/accelerate/<this>.yaml")
 
     @model_validator(mode="after")
     def _steps_xor_epochs(self):
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError("set exactly one of 'epochs' and 'max_steps'")
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_shards_only_with_ddp(self):
+        # sharding 4-bit weights needs bnb_4bit_quant_storage to match the compute dtype, not in this schema
+        if self.method == "qlora" and self.num_processes > 1 and self.distributed in ("fsdp", "deepspeed_zero3"):
+            raise ValueError(f"method 'qlora' with distributed '{self.distributed}' is not supported; use 'ddp'")
         return self
 
 
@@ -203,6 +211,15 @@ class TrainDpo(TrainCommon):
     def _prompt_fits(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be below max_length")
+        return self
+
+    @model_validator(mode="after")
+    def _precompute_in_one_process(self):
+        # TRL 1.16 caches precomputed log-probs of an in-memory data set in a per-process temp folder,
+        # so the other processes cannot find rank 0's file (and this stage keeps data in memory so
+        # nothing is written into data/)
+        if self.precompute_ref_log_probs and self.num_processes > 1:
+            raise ValueError("precompute_ref_log_probs needs num_processes 1; set it false to train with several")
         return self
 
 

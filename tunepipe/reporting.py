@@ -210,13 +210,15 @@ def line_figure(name: str, title: str, panels: list[tuple[str, dict[str, list]]]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
     for ax, (label, series) in zip(axes[0], panels):
         for series_name, points in series.items():
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=series_name)
-        ax.set_xlabel("logged step")
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -9,6 +9,10 @@
     run.final_evaluation(trainer, has_eval=True)
     write_json("metrics/train_sft.json", run.summary(trainer))
 
+With ``num_processes > 1`` the stage reruns itself under ``accelerate launch``
+(``launch_processes``); the launching process checks the fingerprint first, and
+only the main training process writes outputs.
+
 Checkpoints resume only when they were written under the same params and
 inputs (the fingerprint); anything else is deleted with a log line saying so,
 so a run never silently continues a stale one.
@@ -20,14 +24,20 @@ import csv
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from tunepipe.artifacts import sha256_json, sha256_tree, write_json
+import yaml
+
+from tunepipe.artifacts import sha256_json, sha256_tree, write_json, write_text
 
 log = logging.getLogger("tunepipe.training")
 
@@ -92,11 +102,104 @@ def prepare_checkpoints(ckpt_dir: str | Path, fingerprint: dict) -> Optional[Pat
     return resume
 
 
+def resume_point(ckpt_dir: str | Path, section, seed: int, inputs: dict[str, str | Path]) -> Optional[Path]:
+    """The checkpoint this process resumes from (None: start fresh).
+
+    A process started by ``launch_processes`` takes the newest complete checkpoint:
+    the process that launched it has already checked the fingerprint and deleted
+    stale ones, and hashing the inputs once per process would be wasted work.
+    """
+    if is_launched_process():
+        complete = complete_checkpoints(ckpt_dir)
+        return complete[-1] if complete else None
+    return prepare_checkpoints(ckpt_dir, stage_fingerprint(section, seed, inputs))
+
+
 def _read_fingerprint(path: Path) -> Optional[str]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# --------------------------------------------------------------------------- several processes
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+
+
+def is_launched_process() -> bool:
+    """True in a process started by ``accelerate launch`` (torchrun sets LOCAL_RANK for each)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_processes(params, section: str, ckpt_dir: str | Path) -> bool:
+    """Run ``python -m stages.<section>`` in ``num_processes`` processes under ``accelerate launch``.
+
+    Returns False (nothing launched) for one process or inside a launched process.
+    The processes read these exact params, written next to the checkpoints. Without
+    CUDA they train on CPU over gloo (how the tests run two processes). Ctrl-C
+    reaches them directly; this process waits for them to save and stop.
+    """
+    cfg = getattr(params, section)
+    if cfg.num_processes == 1 or is_launched_process():
+        return False
+    from tunepipe.cli import StageError
+
+    if cfg.distributed.startswith("deepspeed") and not _installed("deepspeed"):
+        raise StageError(f"{section}.distributed: {cfg.distributed} needs DeepSpeed: pip install deepspeed")
+    params_file = Path(ckpt_dir) / "launch-params.yaml"
+    write_text(params_file, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    env = dict(os.environ)
+    if not _cuda_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate then runs DDP over gloo on CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
+           "--num_processes", str(cfg.num_processes), "--main_process_port", str(_free_port()),
+           "-m", f"stages.{section}", "--params", str(params_file)]
+    log.info("launching %d processes (%s): %s", cfg.num_processes, cfg.distributed, " ".join(cmd[1:]))
+    proc = subprocess.Popen(cmd, env=env)
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # the workers get Ctrl-C themselves and save
+    try:
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if rc in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if rc != 0:
+        raise StageError(f"{cfg.num_processes} training processes failed (exit {rc}); see their log above")
+    return True
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    # a fresh port per launch, so queued experiments (dvc queue start -j N) do not collide on 29500
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_trained(trainer, tokenizer, target: str | Path) -> None:
+    """Save the trained adapter (or model); every process calls this, only the main one writes.
+
+    With several processes the weights are gathered first (FSDP and ZeRO-3 shard them),
+    which takes every process.
+    """
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if accelerator.num_processes > 1 else None
+    if trainer.is_world_process_zero():
+        save_model_dir(accelerator.unwrap_model(trainer.model_wrapped), tokenizer, target, state_dict=state_dict)
+    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- trainer arguments
@@ -155,6 +258,7 @@ class TrainingRun:
         self.step_seconds = 0.0
         self.tokens_at_start = 0
         self.last_eval: dict = {}
+        self.live = None
 
     def callbacks(self) -> list:
         from transformers import TrainerCallback
@@ -187,22 +291,25 @@ class TrainingRun:
 
     def _open_live(self, state) -> None:
         resumed_step = state.global_step if self.resume_from is not None else 0
-        if resumed_step:
+        if resumed_step and state.is_world_process_zero:
             # rows logged after the checkpoint was taken are logged again by the resumed run
             _truncate_plots(self.live_dir / "plots", resumed_step)
-        self.live = _plots_only_live(self.live_dir, resume=bool(resumed_step))
+        # one writer: with several processes only the main one logs (all of them keep last_eval)
+        self.live = _plots_only_live(self.live_dir, resume=bool(resumed_step)) if state.is_world_process_zero else None
         self.tokens_at_start = self._tokens_logged = state.num_input_tokens_seen
         self._seconds_logged = self.step_seconds = 0.0
 
     def _log(self, state, logs: dict) -> None:
+        if any(k.startswith("eval_") for k in logs):
+            self.last_eval = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
+            self.last_eval["step"] = state.global_step
+        if self.live is None:
+            return
         self.live.step = state.global_step
         for key, value in logs.items():
             name = _plot_name(key)
             if name and isinstance(value, (int, float)) and math.isfinite(value):
                 self.live.log_metric(name, float(value))
-        if any(k.startswith("eval_") for k in logs):
-            self.last_eval = {k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}
-            self.last_eval["step"] = state.global_step
         if "loss" in logs and self.step_seconds > self._seconds_logged:
             tokens = state.num_input_tokens_seen - self._tokens_logged
             self.live.log_metric("train/tokens_per_second", round(tokens / (self.step_seconds - self._seconds_logged), 2))
@@ -240,9 +347,12 @@ class TrainingRun:
             trainer.evaluate()
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.interrupted:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.interrupted = True
+        if self.interrupted:
+            # accelerate launch (torchrun) forwards the same Ctrl-C a moment later: not a second one
+            if time.monotonic() - self._interrupted_at < 2.0:
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.interrupted, self._interrupted_at = True, time.monotonic()
         log.warning("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort now)")
 
     def summary(self, trainer) -> dict:
@@ -260,6 +370,7 @@ class TrainingRun:
             "train_seconds": round(self.train_seconds, 1),
             "peak_rss_mib": peak_rss_mib(),
             "resumed_from_step": _checkpoint_step(self.resume_from),
+            "processes": trainer.accelerator.num_processes,
         }
 
 
@@ -317,11 +428,11 @@ def _truncate_plots(plots_dir: Path, last_step: int) -> None:
             writer.writerows(kept)
 
 
-def save_model_dir(model, tokenizer, target: str | Path) -> None:
+def save_model_dir(model, tokenizer, target: str | Path, state_dict: Optional[dict] = None) -> None:
     """Save an adapter (or a fully fine-tuned model) and its tokenizer atomically into ``target``."""
     from tunepipe.artifacts import atomic_path
 
     with atomic_path(target, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
