@@ -83,9 +83,8 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT)
-    if not trainer.is_world_process_zero():
-        return
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT):
+        return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
     summary.update({k.replace("/", "_"): _round(last.get(k)) for k in REWARD_KEYS})

@@ -83,9 +83,8 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT)
-    if not trainer.is_world_process_zero():
-        return
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT):
+        return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     summary.update(method=cfg.method, precision=precision, padding_free=padding_free,
                    trainable_parameters=n_train, train_examples=len(data["train"]))

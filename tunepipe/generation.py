@@ -14,7 +14,7 @@ and positions unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -89,35 +89,43 @@ def generate(model, tokenizer, prompts: Sequence[str], decoding: Decoding = Deco
              batch_size: int = 16, eos_token_ids: Optional[Iterable[int]] = None,
              desc: str = "generate") -> list[Generation]:
     """Generate an answer for every prompt, in the order given."""
-    import torch
-    from tqdm.auto import tqdm
-
     if not prompts:
         return []
     eos = sorted(set(eos_token_ids)) if eos_token_ids is not None else eos_ids(model, tokenizer)
     pad_id = pad_id_for(model, tokenizer)
     config = generation_config(decoding, eos=eos, pad_id=pad_id)
     encoded = encode_prompts(tokenizer, prompts)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     device = next(model.parameters()).device
     results: list[Optional[Generation]] = [None] * len(prompts)
+    for batch in inference_batches(model, [len(e) for e in encoded], batch_size, desc):
+        input_ids, attention = left_pad([encoded[i] for i in batch], pad_id)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             generation_config=config)
+        for i, tokens in zip(batch, out[:, input_ids.shape[1]:].tolist()):
+            results[i] = _split_answer(tokens, set(eos), decoding.max_new_tokens, tokenizer)
+    return results
 
+
+def inference_batches(model, lengths: Sequence[int], batch_size: int, desc: str) -> Iterator[list[int]]:
+    """Indices of the items in batches, longest first, under a progress bar, with the model
+    in eval mode and autograd off (its mode is restored after).
+
+    Longest first keeps the padding in each batch small and shows a memory problem at once.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="prompt") as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                input_ids, attention = left_pad([encoded[i] for i in batch], pad_id)
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                     generation_config=config)
-                new_tokens = out[:, input_ids.shape[1]:].tolist()
-                for i, tokens in zip(batch, new_tokens):
-                    results[i] = _split_answer(tokens, set(eos), decoding.max_new_tokens, tokenizer)
+                yield batch
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    return results
 
 
 def left_pad(rows: list[list[int]], pad_id: int):

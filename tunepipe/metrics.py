@@ -185,10 +185,7 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
     """``completion_logprobs`` for k completions of each prompt (a chosen and a rejected
     answer: k=2). Each prompt runs through the model once and its KV cache serves all
     k completions, which nearly halves the work on preference pairs (prompts are most of it)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from tunepipe.generation import encode_prompts, pad_id_for
+    from tunepipe.generation import encode_prompts, inference_batches, pad_id_for
     from tunepipe.tokenization import encode_answers
 
     _same_length(prompts, completion_sets)
@@ -197,22 +194,13 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos = [tokenizer.eos_token_id] if append_eos else []
     rows = [(p, [c + eos for c in encode_answers(tokenizer, list(cs))]) for p, cs in zip(prompt_ids, completion_sets)]
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]) - max(map(len, rows[i][1]), default=0), i))
     score = _score_shared_batch if _accepts(model, "past_key_values") else _score_separately
     pad_id, device = pad_id_for(model, tokenizer), next(model.parameters()).device
     out: list[Optional[list]] = [None] * len(rows)
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="prompt") as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                for i, scores in zip(batch, score(model, [rows[i] for i in batch], pad_id, device)):
-                    out[i] = scores
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    lengths = [len(p) + max(map(len, cs), default=0) for p, cs in rows]
+    for batch in inference_batches(model, lengths, batch_size, desc):
+        for i, scores in zip(batch, score(model, [rows[i] for i in batch], pad_id, device)):
+            out[i] = scores
     return out
 
 

@@ -189,17 +189,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_trained(trainer, tokenizer, target: str | Path) -> None:
-    """Save the trained adapter (or model); every process calls this, only the main one writes.
+def save_trained(trainer, tokenizer, target: str | Path) -> bool:
+    """Save the trained adapter (or model); every process calls this, only the main one writes (and gets True).
 
     With several processes the weights are gathered first (FSDP and ZeRO-3 shard them),
     which takes every process.
     """
     accelerator = trainer.accelerator
     state_dict = accelerator.get_state_dict(trainer.model_wrapped) if accelerator.num_processes > 1 else None
-    if trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    if main:
         save_model_dir(accelerator.unwrap_model(trainer.model_wrapped), tokenizer, target, state_dict=state_dict)
     accelerator.wait_for_everyone()
+    return main
 
 
 # --------------------------------------------------------------------------- trainer arguments
