@@ -160,19 +160,21 @@ def measured(steps: int, ends: list[float], counter: TokenCounter, flops: dict, 
 # --------------------------------------------------------------------------- driver
 
 
-def main(steps: int = 4, repeats: int = 2, examples: int = 64, levers: bool = False,
+def main(steps: int = 4, repeats: int = 2, examples: int = 64, levers: bool | list[str] = False,
          ws: Path | None = None, peak: dict | None = None, concurrent: bool = False) -> dict:
     from benchmarks import peak as peak_mod
 
     ws = harness.workspace(ws)
     peak = peak or peak_mod.main()
-    variants = ["baseline", "ours"] + (LEVERS if levers else [])
+    chosen = LEVERS if levers is True else list(levers or [])
+    variants = ["baseline", "ours"] + chosen
     spec = {"workspace": str(ws), "steps": steps, "examples": examples}
     schedule = harness.concurrent if concurrent else harness.interleaved
     runs = schedule(variants, repeats,
                                lambda v: harness.run_worker("benchmarks.sft", dict(spec, variant=v)))
     command = (f"python -m benchmarks.sft --steps {steps} --repeats {repeats} --examples {examples}"
-               + (" --levers" if levers else "") + (" --concurrent" if concurrent else ""))
+               + (" --levers" if levers is True else f" --lever {' --lever '.join(chosen)}" if chosen else "")
+               + (" --concurrent" if concurrent else ""))
     return result_of(runs, peak, command, ws, steps, repeats, examples)
 
 
@@ -225,9 +227,10 @@ if __name__ == "__main__":
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--examples", type=int, default=64)
         p.add_argument("--levers", action="store_true", help="also run one variant per lever")
+        p.add_argument("--lever", action="append", choices=LEVERS, help="also run this lever's variant (repeatable)")
         p.add_argument("--concurrent", action="store_true",
                        help="run the variants at the same time (a machine shared with other jobs)")
         a = p.parse_args()
-        res = main(a.steps, a.repeats, a.examples, a.levers, concurrent=a.concurrent)
+        res = main(a.steps, a.repeats, a.examples, True if a.levers else (a.lever or []), concurrent=a.concurrent)
         harness.save_results("sft", res)
         print(report(res))

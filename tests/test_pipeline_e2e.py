@@ -3,58 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.dvcproject import DVC, make_project, run, tiny_params
 
 pytestmark = pytest.mark.e2e
-
-
-def tiny_params(base_dir: str) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["shared"]["base_model"].update(source="local", path=base_dir, name="tiny-llama-test")
-    params["fetch"]["generated"].update(n_train=24, n_val=8, n_test=8, n_pref_train=16, n_pref_val=8, n_pref_test=8)
-    for stage in ("train_sft", "train_dpo"):
-        params[stage].update(max_steps=4, batch_size=4, logging_steps=1, eval_steps=2, save_steps=2)
-    params["evaluate"].update(max_new_tokens=8, batch_size=4)
-    params["report"]["n_samples"] = 2
-    return params
-
-
-def run(args, cwd, env):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("project")
-    for name in ("stages", "tunepipe"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(tiny_model_dir, root / "tiny_base")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params("tiny_base"), sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    run(["git", "init", "-q"], root, env)
-    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
-    # DVCLive reads the git HEAD: a repo without commits makes it fail.
-    run(["git", "add", "-A"], root, env)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"], root, env)
-    run([sys.executable, "-m", "dvc", "repro"], root, env)
+    env = make_project(root, tiny_model_dir, tiny_params("tiny_base"))
+    run([*DVC, "repro"], root, env)
     return root, env
 
 
 def dvc_status(root, env) -> dict:
-    return json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root, env) or "{}")
+    return json.loads(run([*DVC, "status", "--json"], root, env) or "{}")
 
 
 def test_repro_produces_every_output(project):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline_e2e import tiny_params
+from tests.dvcproject import tiny_params
 
 pytestmark = pytest.mark.e2e
 

@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline_e2e import REPO, run, tiny_params
+from tests.dvcproject import DVC, make_project, run, tiny_params
 from tunepipe.artifacts import sha256_tree
 
 pytestmark = pytest.mark.e2e
 
-DVC = [sys.executable, "-m", "dvc"]
 FIRST_CHECKPOINT = Path("models/checkpoints/sft/checkpoint-2/trainer_state.json")
 
 
@@ -33,20 +32,9 @@ FIRST_CHECKPOINT = Path("models/checkpoints/sft/checkpoint-2/trainer_state.json"
 def project(tmp_path_factory, tiny_model_dir):
     """A git + DVC project on the tiny config, reproduced up to tokenize."""
     root = tmp_path_factory.mktemp("fault_project")
-    for name in ("stages", "tunepipe"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(tiny_model_dir, root / "tiny_base")
     params = tiny_params("tiny_base")
     params["train_sft"].update(lora_dropout=0.0, warmup_ratio=0.0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    run(["git", "init", "-q"], root, env)
-    run([*DVC, "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny project"], root, env)  # DVCLive needs a commit to log against
+    env = make_project(root, tiny_model_dir, params)
     run([*DVC, "repro", "tokenize"], root, env)
     return root, env
 
