@@ -8,20 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainingdata import make_workdir, tiny_params
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_model_dir, smol_tokenizer):
-    make_workdir(tmp_path, tiny_model_dir, smol_tokenizer)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def adapter(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / "adapter_model.safetensors"))
+from tests.test_train_sft import adapter_weights, workdir  # noqa: F401  (workdir: the fixture)
+from tests.trainingdata import tiny_params
 
 
 def test_two_processes_train_sft_and_dpo_like_one(workdir):
@@ -32,7 +20,7 @@ def test_two_processes_train_sft_and_dpo_like_one(workdir):
     train_sft.main(one)
     train_dpo.main(one)
     single = {s: json.loads(Path(f"metrics/{s}.json").read_text()) for s in ("train_sft", "train_dpo")}
-    single_sft = adapter("models/sft")
+    single_sft = adapter_weights(Path("models/sft"))
 
     # two processes, batch 2 each: the same global batch of 4
     two = tiny_params(train_sft={"num_processes": 2, "batch_size": 2},
@@ -44,7 +32,7 @@ def test_two_processes_train_sft_and_dpo_like_one(workdir):
     assert sft["trained_tokens"] == single["train_sft"]["trained_tokens"]
     # gradients are averaged over the two halves: close to, not bit-equal with, the one-process run
     assert sft["train_loss"] == pytest.approx(single["train_sft"]["train_loss"], rel=0.05)
-    weights = adapter("models/sft")
+    weights = adapter_weights(Path("models/sft"))
     assert weights.keys() == single_sft.keys()
     assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
 
