@@ -39,8 +39,13 @@ def naive_generate(model, tokenizer, prompts, decoding) -> list:
 
     from tunepipe import generation as g
 
+    from transformers import GenerationConfig
+
     eos = g.eos_ids(model, tokenizer)
-    config = g.generation_config(decoding, eos=eos, pad_id=g.pad_id_for(model, tokenizer))
+    # complete, so no model default (a repetition penalty, say) changes what is decoded
+    config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=False, num_beams=1,
+                              repetition_penalty=1.0, use_cache=True, eos_token_id=eos,
+                              pad_token_id=g.pad_id_for(model, tokenizer))
     out = []
     model.eval()
     with torch.inference_mode():

@@ -49,14 +49,14 @@ def smol_tokenizer(smol_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
 
 
-def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A random 2-layer Llama with the SmolLM2 tokenizer, saved as safetensors in ``out``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,

@@ -91,3 +91,37 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny):
 def test_no_prompts_gives_no_generations(tiny):
     model, tok = tiny
     assert generate(model, tok, [], Decoding()) == []
+
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+SHARED = [SYSTEM + q + "<|im_end|>\n<|im_start|>assistant\n"
+          for q in ("What is 2 + 3?", "Sort: 3, 1, 2", "Reverse the word 'banana', then tell a long story", "Hi")]
+
+
+def test_shared_prefix_runs_once_and_changes_no_token(tiny):
+    from tunepipe.generation import shared_prefix_cache
+
+    model, tok = tiny
+    rows = encode_prompts(tok, SHARED)
+    cache, shared = shared_prefix_cache(model, rows, "cpu")
+    assert shared >= len(tok(SYSTEM)["input_ids"]) - 1  # the system prompt and the user header
+    assert cache.get_seq_length() == shared and cache.layers[0].keys.shape[0] == len(rows)
+    batched = generate(model, tok, SHARED, Decoding(max_new_tokens=12), batch_size=len(SHARED))
+    for prompt, got in zip(SHARED, batched):
+        single = one_at_a_time(model, tok, prompt, 12, tok.eos_token_id)
+        assert got.text == tok.decode(single, skip_special_tokens=True)
+        assert got.n_new_tokens == len(single)
+
+
+def test_no_shared_prefix_for_unrelated_prompts(tiny):
+    from tunepipe.generation import shared_prefix_cache
+
+    model, tok = tiny
+    assert shared_prefix_cache(model, encode_prompts(tok, ["Hi", "A different prompt"]), "cpu") == (None, 0)
+
+
+def test_sampling_from_the_top_token_only_is_greedy(tiny):
+    model, tok = tiny
+    top1 = generate(model, tok, SHARED, Decoding(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=1))
+    nucleus = generate(model, tok, SHARED, Decoding(max_new_tokens=8, do_sample=True, top_k=0, top_p=1e-6))
+    assert top1 == nucleus == generate(model, tok, SHARED, Decoding(max_new_tokens=8))

@@ -178,15 +178,33 @@ def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer
     assert packed_loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_qlora_trains_on_cpu(workdir):
+def test_qlora_trains_on_cpu(workdir, smol_tokenizer_dir):
     """bitsandbytes 0.50 has a CPU 4-bit backend: QLoRA runs here (slowly on a real model)."""
+    import shutil
+
     from stages import train_sft
+    from tests.conftest import build_tiny_llama
+
+    # On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference (the final
+    # evaluation) in blocks of 64 inputs: the default tiny model's 32 are too few.
+    shutil.rmtree("models/base")
+    build_tiny_llama(Path("models/base"), smol_tokenizer_dir, hidden_size=64)
 
     train_sft.main(tiny_params(train_sft={"method": "qlora", "max_steps": 2, "eval_steps": 2,
                                           "bnb_4bit_compute_dtype": "float32"}))
     config = json.loads(Path("models/sft/adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     assert json.loads(Path("metrics/train_sft.json").read_text())["steps"] == 2
+
+
+def test_bf16_autocast_trains_on_cpu(workdir):
+    """transformers refuses bf16 without a GPU unless told the CPU is meant; the stage tells it."""
+    from stages import train_sft
+
+    train_sft.main(tiny_params(train_sft={"precision": "bf16", "max_steps": 2, "eval_steps": 2}))
+    metrics = json.loads(Path("metrics/train_sft.json").read_text())
+    assert metrics["precision"] == "bf16" and metrics["steps"] == 2
+    assert metrics["train_loss"] > 0
 
 
 def test_metrics_logging_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):

@@ -226,6 +226,9 @@ def trainer_arguments(cfg, *, output_dir: str | Path, seed: int, precision: str,
         gradient_accumulation_steps=cfg.grad_accum,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        # transformers refuses bf16 without a GPU unless told the CPU is meant (resolve_precision
+        # picks bf16 on a CPU only where it runs natively: AVX512-BF16 or AMX)
+        use_cpu=precision == "bf16" and not _cuda_available(),
         activation_checkpointing=cfg.gradient_checkpointing or cfg.method == "qlora",
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
