@@ -30,7 +30,7 @@ def main(quick: bool = False) -> None:
         ("levers", lambda: levers.main(repeats=3 if not quick else 1, ws=ws), levers.report),
         ("sft", lambda: sft.main(steps=3, repeats=repeats, examples=24, ws=ws, peak=peaks), sft.report),
         ("dpo", lambda: dpo.main(steps=2, repeats=repeats, ws=ws), dpo.report),
-        ("generate", lambda: generate.main(prompts=16, repeats=repeats, ws=ws), generate.report),
+        ("generate", lambda: generate.main(prompts=96, repeats=repeats, ws=ws), generate.report),
     ):
         result = run()
         harness.save_results(name, result)

@@ -1,14 +1,19 @@
-"""evaluate's generation: tunepipe.generation's batched, left-padded generation vs one prompt at a time.
+"""evaluate's generation: tunepipe.generation vs one ``model.generate`` call per prompt.
 
-    python -m benchmarks.generate [--prompts 16] [--repeats 2]
+    python -m benchmarks.generate [--prompts 96] [--repeats 2]
 
-Both sides decode greedily with the same GenerationConfig (params.evaluate:
-max_new_tokens, KV cache, stop at EOS) from the same base model and test prompts
-(data/templated/sft_test.jsonl, else the preference prompts). The naive side
-calls ``model.generate`` once per prompt (batch 1, no padding); ours is
-``tunepipe.generation.generate`` with params.evaluate.batch_size. Runs alternate
-in one process (naive, ours, naive, ours) and the medians are compared.
-Generated tokens count up to and including each answer's EOS.
+Every side decodes greedily (params.evaluate.max_new_tokens, KV cache, stop at
+EOS) from the same base model and test prompts (data/templated/sft_test.jsonl,
+else the preference prompts; by default all 96 the evaluate stage scores):
+
+    naive            ``model.generate`` once per prompt (batch 1, no padding): the loop everyone writes first
+    generate_batched ``model.generate`` on left-padded batches of params.evaluate.batch_size, sorted by length
+                     (what tunepipe.generation did before its own loop: shows what batching alone gives)
+    ours             ``tunepipe.generation.generate``: the same batches, the shared prompt prefix computed
+                     once, finished rows dropped from the batch
+
+Runs alternate in one process (naive, generate_batched, ours, naive, ...) and the
+medians are compared. Generated tokens count up to and including each answer's EOS.
 """
 
 from __future__ import annotations
@@ -39,13 +44,8 @@ def naive_generate(model, tokenizer, prompts, decoding) -> list:
 
     from tunepipe import generation as g
 
-    from transformers import GenerationConfig
-
-    eos = g.eos_ids(model, tokenizer)
-    # complete, so no model default (a repetition penalty, say) changes what is decoded
-    config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=False, num_beams=1,
-                              repetition_penalty=1.0, use_cache=True, eos_token_id=eos,
-                              pad_token_id=g.pad_id_for(model, tokenizer))
+    config = greedy_config(model, tokenizer, decoding)
+    eos = set(config.eos_token_id)
     out = []
     model.eval()
     with torch.inference_mode():
@@ -53,8 +53,35 @@ def naive_generate(model, tokenizer, prompts, decoding) -> list:
             input_ids = torch.tensor([ids])
             tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     generation_config=config)[0, len(ids):].tolist()
-            out.append(g._split_answer(tokens, set(eos), decoding.max_new_tokens, tokenizer))
+            out.append(g._split_answer(tokens, eos, decoding.max_new_tokens, tokenizer))
     return out
+
+
+def batched_generate(model, tokenizer, prompts, decoding, batch_size: int) -> list:
+    """``model.generate`` on left-padded batches, longest prompts first."""
+    from tunepipe import generation as g
+
+    config = greedy_config(model, tokenizer, decoding)
+    eos = set(config.eos_token_id)
+    encoded = g.encode_prompts(tokenizer, prompts)
+    out = [None] * len(prompts)
+    for batch in g.inference_batches(model, [len(e) for e in encoded], batch_size, "generate_batched"):
+        ids, mask = g.left_pad([encoded[i] for i in batch], config.pad_token_id)
+        rows = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        for i, tokens in zip(batch, rows.tolist()):
+            out[i] = g._split_answer(tokens, eos, decoding.max_new_tokens, tokenizer)
+    return out
+
+
+def greedy_config(model, tokenizer, decoding):
+    """A complete GenerationConfig, so no model default (a repetition penalty, say) changes what is decoded."""
+    from transformers import GenerationConfig
+
+    from tunepipe import generation as g
+
+    return GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=False, num_beams=1,
+                            repetition_penalty=1.0, use_cache=True, eos_token_id=g.eos_ids(model, tokenizer),
+                            pad_token_id=g.pad_id_for(model, tokenizer))
 
 
 def measure(spec: dict) -> dict:
@@ -74,7 +101,8 @@ def measure(spec: dict) -> dict:
     decoding = dataclasses.replace(g.Decoding.from_params(cfg), do_sample=False)  # greedy: outputs must match
     sides = {
         "naive": lambda: naive_generate(model, tokenizer, prompts, decoding),
-        "batched": lambda: g.generate(model, tokenizer, prompts, decoding, batch_size=cfg.batch_size),
+        "generate_batched": lambda: batched_generate(model, tokenizer, prompts, decoding, cfg.batch_size),
+        "ours": lambda: g.generate(model, tokenizer, prompts, decoding, batch_size=cfg.batch_size),
     }
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     outputs = {}
@@ -87,17 +115,18 @@ def measure(spec: dict) -> dict:
             runs[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
             print(f"[bench] {name}: {tokens} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
             outputs[name] = [x.text for x in gens]
-    mismatches = [i for i, (a, b) in enumerate(zip(outputs["naive"], outputs["batched"])) if a != b]
+    mismatches = {side: [i for i, (a, b) in enumerate(zip(outputs["naive"], texts)) if a != b]
+                  for side, texts in outputs.items() if side != "naive"}
     return {"runs": runs, "n_prompts": len(prompts), "batch_size": cfg.batch_size,
             "max_new_tokens": cfg.max_new_tokens, "mismatches": mismatches,
             "prompt_tokens": sum(len(x) for x in g.encode_prompts(tokenizer, prompts)),
-            "sample": {"prompt_tail": prompts[0][-80:], "naive": outputs["naive"][0], "batched": outputs["batched"][0]}}
+            "sample": {"prompt_tail": prompts[0][-80:], **{side: texts[0] for side, texts in outputs.items()}}}
 
 
-def main(prompts: int = 16, repeats: int = 2, ws: Path | None = None) -> dict:
+def main(prompts: int = 96, repeats: int = 2, ws: Path | None = None) -> dict:
     ws = harness.workspace(ws)
     raw = harness.run_worker("benchmarks.generate", {"workspace": str(ws), "prompts": prompts, "repeats": repeats,
-                                                     "variant": "naive+batched"})
+                                                     "variant": "naive+generate_batched+ours"})
     rows = []
     base = harness.median(raw["runs"]["naive"], "tokens_per_s")
     for name, rs in raw["runs"].items():
@@ -105,7 +134,8 @@ def main(prompts: int = 16, repeats: int = 2, ws: Path | None = None) -> dict:
         rows.append({"variant": name, "generated_tokens": rs[0]["tokens"], "seconds": round(harness.median(rs, "seconds"), 1),
                      "tokens_per_s": round(tps, 2), "speedup": harness.ratio(tps, base)})
     return {"command": f"python -m benchmarks.generate --prompts {prompts} --repeats {repeats}", "workspace": str(ws),
-            "rows": rows, "speedup": rows[1]["speedup"], "identical_outputs": not raw["mismatches"],
+            "rows": rows, "speedup": rows[-1]["speedup"],
+            "identical_outputs": not any(raw["mismatches"].values()),
             **{k: raw[k] for k in ("n_prompts", "batch_size", "max_new_tokens", "mismatches", "prompt_tokens",
                                    "peak_rss_mib", "sample")}}
 
@@ -120,7 +150,7 @@ def report(result: dict) -> str:
 if __name__ == "__main__":
     if not harness.worker_main(sys.argv, measure):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--prompts", type=int, default=16)
+        p.add_argument("--prompts", type=int, default=96)
         p.add_argument("--repeats", type=int, default=2)
         a = p.parse_args()
         res = main(a.prompts, a.repeats)
