@@ -28,8 +28,8 @@ def main(quick: bool = False) -> None:
 
     for name, run, show in (
         ("levers", lambda: levers.main(repeats=3 if not quick else 1, ws=ws), levers.report),
-        ("sft", lambda: sft.main(steps=3, repeats=repeats, examples=24, ws=ws, peak=peaks), sft.report),
-        ("dpo", lambda: dpo.main(steps=2, repeats=repeats, ws=ws), dpo.report),
+        ("sft", lambda: sft.main(steps=6, repeats=repeats, examples=48, ws=ws, peak=peaks), sft.report),
+        ("dpo", lambda: dpo.main(steps=4, repeats=repeats, ws=ws), dpo.report),
         ("generate", lambda: generate.main(prompts=96, repeats=repeats, ws=ws), generate.report),
     ):
         result = run()

@@ -10,8 +10,11 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
 
     baseline     SFTConfig defaults (pad to the longest, no packing, gradient checkpointing on,
                  TRL's default), fp32 (TRL's bf16 default is forced off: see benchmarks.peak)
-    ours         stages.train_sft.build_trainer with params.train_sft (padding-free, no checkpointing)
-    ours+bf16, ours+group_by_length, ours+checkpointing, ours-padded: one lever changed each (--levers)
+    ours         stages.train_sft.build_trainer with params.train_sft (padding-free with packed-aware
+                 attention, no checkpointing, precision auto: bf16 autocast where the CPU has native bf16)
+    ours+bf16, ours-fp32, ours+group_by_length, ours+checkpointing, ours-padded,
+    ours-masked_attention (padding-free on transformers' block-diagonal mask instead of
+    tunepipe.attention): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ VARIANTS = {
     "ours+group_by_length": {"group_by_length": True},
     "ours+checkpointing": {"gradient_checkpointing": True},
     "ours-padded": {"padding_free": False},
+    "ours-fp32": {"precision": "fp32"},
+    "ours-masked_attention": {},
 }
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
@@ -67,6 +72,10 @@ def train_once(spec: dict) -> dict:
     flops_per_token = model_flops_per_token(model)
 
     # ---- trainer
+    if spec["variant"] == "ours-masked_attention":
+        import tunepipe.attention
+
+        tunepipe.attention.use_packed_sdpa = lambda model: False  # build_trainer imports it when called
     out = Path(spec["scratch"])
     if spec["variant"] == "baseline":
         trainer = plain_trainer(model, tokenizer, data["train"], cfg, seed, peft_config, out / "ckpt")

@@ -36,8 +36,10 @@ METRICS = Path("metrics/train_sft.json")
 LIVE_DIR = Path("metrics/train_sft")
 
 # Attention kernels that keep packed examples apart using the restarting position ids
-# (transformers builds a block-diagonal mask for sdpa/eager/flex; flash uses cu_seq_lens).
-PACKING_SAFE_ATTENTION = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+# (transformers builds a block-diagonal mask for sdpa/eager/flex; flash uses cu_seq_lens;
+# sdpa_packed, which build_trainer switches sdpa to, runs each example on its own).
+PACKING_SAFE_ATTENTION = {"sdpa", "sdpa_packed", "eager", "flex_attention", "flash_attention_2",
+                          "flash_attention_3"}
 
 
 def main(params: Params) -> None:
@@ -124,6 +126,11 @@ def padding_free_supported(model) -> bool:
 def build_trainer(model, tokenizer, data: dict, cfg, *, seed: int, precision: str, padding_free: bool,
                   peft_config, run: TrainingRun, output_dir: Path = CHECKPOINTS):
     from trl import SFTConfig, SFTTrainer
+
+    from tunepipe.attention import use_packed_sdpa
+
+    if padding_free:
+        use_packed_sdpa(model)  # same numbers as the block-diagonal mask, a fraction of the attention work
 
     args = SFTConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

@@ -161,17 +161,21 @@ def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
 
     def logits(batch, **kw):
-        return model(**{k: v for k, v in batch.items() if k != "labels"}, **kw).logits[0]
+        # compute_loss adds use_cache=False to the batch it is given
+        return model(**{k: v for k, v in batch.items() if k not in ("labels", "use_cache")}, **kw).logits[0]
 
+    assert model.config._attn_implementation == "sdpa_packed"  # build_trainer switched it
     with torch.no_grad():
-        # the trainer calls the model with use_cache=False (SFTTrainer.compute_loss); so do we
-        together, alone = logits(packed, use_cache=False), logits(collate([second]), use_cache=False)
-        # with a KV cache transformers would not build the block mask: the check can fail
-        leaky = logits(packed, use_cache=True)
+        together, alone = logits(packed), logits(collate([second]))
         losses = [trainer.compute_loss(model, collate([row])).item() for row in (first, second)]
         packed_loss = trainer.compute_loss(model, packed).item()
+        # transformers' own sdpa path (a block-diagonal mask) gives the same numbers, but only
+        # without a KV cache: with one it builds no block mask and the examples leak
+        model.set_attn_implementation("sdpa")
+        masked, leaky = logits(packed, use_cache=False), logits(packed, use_cache=True)
     n = len(first["input_ids"])
     assert torch.allclose(together[n:], alone, atol=1e-5)
+    assert torch.allclose(together, masked, atol=1e-5)
     assert not torch.allclose(leaky[n:], alone, atol=1e-3)
     counts = [sum(label != -100 for label in row["labels"][1:]) for row in (first, second)]
     expected = (losses[0] * counts[0] + losses[1] * counts[1]) / sum(counts)  # token-weighted mean

@@ -193,7 +193,10 @@ def save_base_model(model, tokenizer, out: str | Path) -> None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "trust_remote_code" in text:  # transformers' wording names its own argument, not our param
+        line += " (the model ships its own Python code: review it, then set shared.trust_remote_code: true)"
+    return line
 
 
 # --------------------------------------------------------------------------- data

@@ -244,7 +244,7 @@ def test_remote_code_is_never_run_unless_params_allow_it(model_copy, tmp_path, m
     (model_copy / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     err = stage_exit(fetch, _fetch_params(model_copy), capsys)
-    assert "custom code" in err
+    assert "custom code" in err and "shared.trust_remote_code: true" in err
     assert not marker.exists()
 
 
