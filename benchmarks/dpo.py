@@ -14,6 +14,8 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
                params compute the reference each step too, as the default run trains on fewer
                pairs than the data set holds and precomputing all of them would cost more)
     ours+precompute  ours with reference log-probs precomputed once (--levers)
+    ours-fp32, ours+checkpointing, ours-all_positions (TRL's LM head over every position, prompt
+                     included, as TRL does off Triton devices): one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -30,8 +32,10 @@ from pathlib import Path
 from benchmarks import harness
 
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
-            "ours+checkpointing": {"gradient_checkpointing": True}}
-LEVERS = ["ours+precompute", "ours+checkpointing"]
+            "ours+checkpointing": {"gradient_checkpointing": True}, "ours-fp32": {"precision": "fp32"},
+            "ours-all_positions": {}}
+LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
+SWITCHED_OFF = {"ours-all_positions": ("stages.train_dpo", "score_only_labelled_positions")}
 
 
 def train_once(spec: dict) -> dict:
@@ -62,6 +66,8 @@ def train_once(spec: dict) -> dict:
     model, peft_config = load_for_training(ws / "models/base", cfg, tokenizer, trust_remote_code=False)
 
     # ---- trainer (construction is timed: precomputing the reference happens there)
+    if spec["variant"] in SWITCHED_OFF:
+        harness.switch_off(*SWITCHED_OFF[spec["variant"]])
     out = Path(spec["scratch"])
     started = time.perf_counter()
     if spec["variant"] == "baseline":

@@ -70,6 +70,13 @@ def run_worker(module: str, spec: dict, timeout: float = 4 * 3600) -> dict:
         return json.loads(out.read_text())
 
 
+def switch_off(module: str, name: str) -> None:
+    """Make a lever that is code, not a param (``module.name``), a no-op in this worker process."""
+    import importlib
+
+    setattr(importlib.import_module(module), name, lambda *args: False)
+
+
 def worker_main(argv: list[str], work: Callable[[dict], dict]) -> bool:
     """If started as a worker, run ``work(spec)``, write its result with the process's peak RSS, return True."""
     if len(argv) < 3 or argv[1] != "--worker":

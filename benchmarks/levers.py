@@ -9,6 +9,9 @@ Each lever times the same work two ways, alternating, median of ``repeats``:
     label_only_lm_head   LM head + cross-entropy, forward + backward, on every position vs only the answer
                          (label != -100) positions               (TRL 1.16's default fused head does this)
     no_checkpointing     two decoder layers, forward + backward, with vs without activation checkpointing
+    packed_attention     two decoder layers, forward + backward, on 8 long examples (256 tokens) packed in one
+                         row: SDPA with transformers' block-diagonal mask vs tunepipe.attention's one causal
+                         call over the examples as rows (at the default data's ~60 tokens it is a wash)
     batched_map          tokenizing the templated SFT records with datasets.map, one row at a time vs batched
 
 "speedup" is always lever-on over lever-off time (>1: the lever pays).
@@ -27,6 +30,7 @@ from benchmarks import harness
 TOKENS = 960          # a batch of 8 examples of ~120 tokens, packed (what train-sft sees)
 LABEL_TOKENS = 64     # ~8 answer tokens each: only these carry loss
 BF16_TOKENS = 120     # one example: emulated bf16 runs at ~1/30 of fp32 here, a whole batch takes minutes
+PACKED_EXAMPLES, PACKED_LENGTH = 8, 256  # long examples: where a mask over the whole row wastes most
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -57,19 +61,19 @@ def llama_config(ws: Path):
     return config
 
 
-def decoder_step(layers, config, x, autocast=False, checkpoint=False):
+def decoder_step(layers, config, x, autocast=False, checkpoint=False, pos=None, mask=None):
     import torch
     from torch.utils.checkpoint import checkpoint as ckpt
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    pos = torch.arange(x.shape[1])[None]
+    pos = torch.arange(x.shape[1])[None] if pos is None else pos
     rope = LlamaRotaryEmbedding(config)(x, pos)
 
     def run():
         h = x
         for layer in layers:
             h = ckpt(layer, h, position_embeddings=rope, position_ids=pos, use_reentrant=False) if checkpoint \
-                else layer(h, position_embeddings=rope, position_ids=pos)
+                else layer(h, position_embeddings=rope, position_ids=pos, attention_mask=mask)
             h = h[0] if isinstance(h, tuple) else h
         h.float().square().mean().backward()
 
@@ -116,10 +120,36 @@ def main(repeats: int = 3, ws: Path | None = None) -> dict:
                 repeats)
     rows.append({"lever": "no_checkpointing", **r, "kept": r["speedup"] > 1.0})
 
+    rows.append({"lever": "packed_attention", **packed_attention(layers, config, repeats)})
+    rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
+
     rows.append({"lever": "batched_map", **batched_map(ws, repeats)})
     rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
     return {"command": f"python -m benchmarks.levers --repeats {repeats}", "tokens": TOKENS,
             "label_tokens": LABEL_TOKENS, "rows": rows}
+
+
+def packed_attention(layers, config, repeats: int) -> dict:
+    import torch
+
+    from tunepipe.attention import PACKED_SDPA, register_packed_sdpa
+
+    register_packed_sdpa()
+    n, length = PACKED_EXAMPLES, PACKED_LENGTH
+    x = torch.randn(1, n * length, config.hidden_size, requires_grad=True)
+    pos = torch.arange(length).repeat(n)[None]
+    example = torch.arange(n).repeat_interleave(length)
+    causal = pos[0][:, None] >= pos[0][None, :]
+    mask = ((example[:, None] == example[None, :]) & causal)[None, None]  # what transformers builds
+
+    def step(implementation):
+        config._attn_implementation = implementation  # the layers read it at every call
+        decoder_step(layers, config, x, pos=pos, mask=mask)
+
+    try:
+        return compare(lambda: step("sdpa"), lambda: step(PACKED_SDPA), repeats)
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def batched_map(ws: Path, repeats: int) -> dict:

@@ -14,7 +14,8 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
                  attention, no checkpointing, precision auto: bf16 autocast where the CPU has native bf16)
     ours+bf16, ours-fp32, ours+group_by_length, ours+checkpointing, ours-padded,
     ours-masked_attention (padding-free on transformers' block-diagonal mask instead of
-    tunepipe.attention): one lever changed each (--levers)
+    tunepipe.attention), ours-all_positions (TRL's LM head over every position, as on a GPU
+    it does only over labelled ones): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ VARIANTS = {
     "ours-padded": {"padding_free": False},
     "ours-fp32": {"precision": "fp32"},
     "ours-masked_attention": {},
+    "ours-all_positions": {},
 }
+# Levers that are code, not params: the variant switches the function off (module, name).
+SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),
+                "ours-all_positions": ("stages.train_sft", "score_only_labelled_positions")}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 
@@ -72,10 +77,8 @@ def train_once(spec: dict) -> dict:
     flops_per_token = model_flops_per_token(model)
 
     # ---- trainer
-    if spec["variant"] == "ours-masked_attention":
-        import tunepipe.attention
-
-        tunepipe.attention.use_packed_sdpa = lambda model: False  # build_trainer imports it when called
+    if spec["variant"] in SWITCHED_OFF:
+        harness.switch_off(*SWITCHED_OFF[spec["variant"]])
     out = Path(spec["scratch"])
     if spec["variant"] == "baseline":
         trainer = plain_trainer(model, tokenizer, data["train"], cfg, seed, peft_config, out / "ckpt")

@@ -24,7 +24,8 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (load_for_training, load_tokenizer, resolve_precision, set_cpu_threads,
                                trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import TrainingRun, launch_processes, resume_point, save_trained, trainer_arguments
+from tunepipe.training import (TrainingRun, launch_processes, resume_point, save_trained,
+                               score_only_labelled_positions, trainer_arguments)
 
 log = logging.getLogger("tunepipe.train_dpo")
 
@@ -148,6 +149,8 @@ def fit_prompts(ds, tokenizer, max_prompt_length: int):
 def build_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int, precision: str, peft_config,
                   run: TrainingRun, output_dir: Path = CHECKPOINTS):
     from trl import DPOConfig, DPOTrainer
+
+    score_only_labelled_positions()
 
     args = DPOConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

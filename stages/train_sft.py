@@ -24,7 +24,8 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (load_for_training, load_tokenizer, read_tokenizer_info, resolve_precision,
                                set_cpu_threads, trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import TrainingRun, launch_processes, resume_point, save_trained, trainer_arguments
+from tunepipe.training import (TrainingRun, launch_processes, resume_point, save_trained,
+                               score_only_labelled_positions, trainer_arguments)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -131,6 +132,7 @@ def build_trainer(model, tokenizer, data: dict, cfg, *, seed: int, precision: st
 
     if padding_free:
         use_packed_sdpa(model)  # same numbers as the block-diagonal mask, a fraction of the attention work
+    score_only_labelled_positions()
 
     args = SFTConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

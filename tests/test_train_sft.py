@@ -230,3 +230,43 @@ def test_metrics_logging_works_in_a_git_repo_without_commits(tmp_path, monkeypat
     rows = (tmp_path / "metrics/run/plots/metrics/train/loss.tsv").read_text().split()
     assert rows == ["step", "loss", "1", "2.0", "2", "1.5", "3", "0.9"]
     assert not (tmp_path / "metrics/run/metrics.json").exists()
+
+
+def test_fused_lm_head_scores_only_labelled_positions_with_the_same_numbers(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunepipe.training import score_only_labelled_positions
+
+    monkeypatch.setattr(utils, "_use_triton", getattr(utils._use_triton, "plain", utils._use_triton))
+    scored = []
+    chunked = utils._ChunkedLogProbFunction
+
+    class Recording:
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Recording)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :9] = -100  # 3 answer tokens a row
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    every, every_grad = run()
+    score_only_labelled_positions()
+    only, only_grad = run()
+    assert scored == [2 * 11, int((labels[:, 1:] != -100).sum())]  # 22 positions, then 6
+    assert torch.allclose(only.loss, every.loss, atol=1e-6)
+    assert torch.allclose(only.log_probs, every.log_probs, atol=1e-6)
+    assert torch.allclose(only_grad, every_grad, atol=1e-6)

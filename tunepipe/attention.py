@@ -24,13 +24,18 @@ def use_packed_sdpa(model) -> bool:
     """Switch a model that uses SDPA to the packed-aware SDPA; True if it did."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
+    register_packed_sdpa()
+    model.set_attn_implementation(PACKED_SDPA)
+    return True
+
+
+def register_packed_sdpa() -> None:
+    """Make ``PACKED_SDPA`` an attention implementation transformers knows (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # padded batches still get their usual mask
-    model.set_attn_implementation(PACKED_SDPA)
-    return True
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):

@@ -204,7 +204,30 @@ def save_trained(trainer, tokenizer, target: str | Path) -> bool:
     return main
 
 
-# --------------------------------------------------------------------------- trainer arguments
+# --------------------------------------------------------------------------- trainer set-up
+
+
+def score_only_labelled_positions() -> None:
+    """Make TRL's fused LM head project only the positions that carry a label, on a CPU too.
+
+    TRL 1.16 (``trl.trainer.utils.add_fused_lm_head``, used by SFTTrainer and
+    DPOTrainer) does so only on Triton devices; elsewhere it scores every position,
+    so that tile shapes stay fixed for compilers such as Neuron's. A CPU compiles
+    nothing, and in the default data 6% of SFT positions carry a label: the LM head
+    and its log-softmax over the 49k vocabulary were a third of an SFT step here.
+    The numbers are the same either way. A no-op where TRL has no such switch.
+    """
+    from trl.trainer import utils
+
+    original = getattr(utils, "_use_triton", None)
+    if original is None or hasattr(original, "plain"):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.plain = original
+    utils._use_triton = compact
 
 
 def trainer_arguments(cfg, *, output_dir: str | Path, seed: int, precision: str, evaluate: bool) -> dict:
