@@ -35,14 +35,17 @@ def one_at_a_time(model, tok, prompt, max_new_tokens, eos):
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_greedy_batched_matches_single_prompt_generation(tiny):
-    model, tok = tiny
-    decoding = Decoding(max_new_tokens=12)
-    batched = generate(model, tok, PROMPTS, decoding, batch_size=3)
-    for prompt, got in zip(PROMPTS, batched):
+def assert_same_as_one_at_a_time(model, tok, prompts, batch_size):
+    batched = generate(model, tok, prompts, Decoding(max_new_tokens=12), batch_size=batch_size)
+    for prompt, got in zip(prompts, batched):
         single = one_at_a_time(model, tok, prompt, 12, tok.eos_token_id)
         assert got.text == tok.decode(single, skip_special_tokens=True)
         assert got.n_new_tokens == len(single)
+
+
+def test_greedy_batched_matches_single_prompt_generation(tiny):
+    model, tok = tiny
+    assert_same_as_one_at_a_time(model, tok, PROMPTS, batch_size=3)
 
 
 def test_each_sequence_stops_at_its_own_eos(tiny):
@@ -106,11 +109,7 @@ def test_shared_prefix_runs_once_and_changes_no_token(tiny):
     cache, shared = shared_prefix_cache(model, rows, "cpu")
     assert shared >= len(tok(SYSTEM)["input_ids"]) - 1  # the system prompt and the user header
     assert cache.get_seq_length() == shared and cache.layers[0].keys.shape[0] == len(rows)
-    batched = generate(model, tok, SHARED, Decoding(max_new_tokens=12), batch_size=len(SHARED))
-    for prompt, got in zip(SHARED, batched):
-        single = one_at_a_time(model, tok, prompt, 12, tok.eos_token_id)
-        assert got.text == tok.decode(single, skip_special_tokens=True)
-        assert got.n_new_tokens == len(single)
+    assert_same_as_one_at_a_time(model, tok, SHARED, batch_size=len(SHARED))
 
 
 def test_no_shared_prefix_for_unrelated_prompts(tiny):
