@@ -10,12 +10,14 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
 
     baseline   DPOConfig defaults (gradient checkpointing on, reference log-probs computed every step
                by a forward with the adapter switched off), fp32 (TRL's bf16 default forced off)
-    ours       stages.train_dpo.build_trainer with params.train_dpo (no checkpointing; the default
+    ours       stages.train_dpo.build_trainer with params.train_dpo (LM head only at completion
+               positions, no checkpointing, params' precision; the default
                params compute the reference each step too, as the default run trains on fewer
                pairs than the data set holds and precomputing all of them would cost more)
     ours+precompute  ours with reference log-probs precomputed once (--levers)
-    ours-fp32, ours+checkpointing, ours-all_positions (TRL's LM head over every position, prompt
-                     included, as TRL does off Triton devices): one lever changed each (--levers)
+    ours+bf16 (learned less here: see RESULTS.md), ours+checkpointing, ours-all_positions (TRL's
+                     LM head over every position, prompt included, as TRL does off Triton devices):
+                     one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -32,7 +34,7 @@ from pathlib import Path
 from benchmarks import harness
 
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
-            "ours+checkpointing": {"gradient_checkpointing": True}, "ours-fp32": {"precision": "fp32"},
+            "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
             "ours-all_positions": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 SWITCHED_OFF = {"ours-all_positions": ("stages.train_dpo", "score_only_labelled_positions")}

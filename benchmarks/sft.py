@@ -11,7 +11,8 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     baseline     SFTConfig defaults (pad to the longest, no packing, gradient checkpointing on,
                  TRL's default), fp32 (TRL's bf16 default is forced off: see benchmarks.peak)
     ours         stages.train_sft.build_trainer with params.train_sft (padding-free with packed-aware
-                 attention, no checkpointing, precision auto: bf16 autocast where the CPU has native bf16)
+                 attention, LM head only at label positions, no checkpointing, precision auto: bf16
+                 autocast where the CPU has native bf16)
     ours+bf16, ours-fp32, ours+group_by_length, ours+checkpointing, ours-padded,
     ours-masked_attention (padding-free on transformers' block-diagonal mask instead of
     tunepipe.attention), ours-all_positions (TRL's LM head over every position, as on a GPU
