@@ -39,22 +39,9 @@ def load_prompts(ws: Path, n: int) -> list[str]:
 
 
 def naive_generate(model, tokenizer, prompts, decoding) -> list:
-    """The loop everyone writes first: one ``generate`` call per prompt, nothing padded."""
-    import torch
-
-    from tunepipe import generation as g
-
-    config = greedy_config(model, tokenizer, decoding)
-    eos = set(config.eos_token_id)
-    out = []
-    model.eval()
-    with torch.inference_mode():
-        for ids in g.encode_prompts(tokenizer, prompts):
-            input_ids = torch.tensor([ids])
-            tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    generation_config=config)[0, len(ids):].tolist()
-            out.append(g._split_answer(tokens, eos, decoding.max_new_tokens, tokenizer))
-    return out
+    """The loop everyone writes first: one ``generate`` call per prompt, nothing padded
+    (a batch of one has no padding; the length order changes no cost)."""
+    return batched_generate(model, tokenizer, prompts, decoding, batch_size=1)
 
 
 def batched_generate(model, tokenizer, prompts, decoding, batch_size: int) -> list:
@@ -65,7 +52,7 @@ def batched_generate(model, tokenizer, prompts, decoding, batch_size: int) -> li
     eos = set(config.eos_token_id)
     encoded = g.encode_prompts(tokenizer, prompts)
     out = [None] * len(prompts)
-    for batch in g.inference_batches(model, [len(e) for e in encoded], batch_size, "generate_batched"):
+    for batch in g.inference_batches(model, [len(e) for e in encoded], batch_size, f"generate, batch {batch_size}"):
         ids, mask = g.left_pad([encoded[i] for i in batch], config.pad_token_id)
         rows = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
         for i, tokens in zip(batch, rows.tolist()):

@@ -136,14 +136,14 @@ def shared_prefix_cache(model, rows: list[list[int]], device, min_tokens: int = 
     """(KV cache of the tokens every row starts with, repeated for each row, its length),
     or (None, 0) when they share fewer than ``min_tokens``. Every row keeps at least one
     token of its own, so the first new token is predicted from the row's own logits."""
+    import torch
+
     shared = 0
     limit = min(len(r) for r in rows) - 1
     while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
         shared += 1
     if shared < min_tokens:
         return None, 0
-    import torch
-
     cache = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True,
                   logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(len(rows))
