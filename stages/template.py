@@ -2,7 +2,7 @@
 
     python -m stages.template [--params params.yaml]
 
-Reads data/raw/{sft,pref}_{train,val,test}.jsonl and the tokenizer in models/base,
+Reads data/raw/{sft,pref}_{train,val,test}.jsonl and the base model's tokenizer in data/raw/tokenizer,
 and writes data/templated/ with the same file names: SFT rows
 {"id", "prompt", "completion", "meta"} and preference rows {"id", "prompt",
 "chosen", "rejected", "meta"}. The prompt is the exact text the model sees up to
@@ -27,7 +27,7 @@ from tunepipe.params import Params
 log = logging.getLogger("tunepipe.template")
 
 RAW = Path("data/raw")
-BASE = Path("models/base")
+TOKENIZER = Path("data/raw/tokenizer")  # the base model's, saved by fetch
 OUT = Path("data/templated")
 SPLITS = ("train", "val", "test")
 KINDS = {"sft": ("output",), "pref": ("chosen", "rejected")}
@@ -85,9 +85,9 @@ def main(params: Params) -> None:
 
     from tunepipe.templates import make_renderer, resolve_chat_template
 
-    if not BASE.is_dir():
-        raise StageError(f"{BASE} is missing; run the fetch stage first (dvc repro fetch)")
-    tokenizer = AutoTokenizer.from_pretrained(BASE, trust_remote_code=params.shared.trust_remote_code)
+    if not TOKENIZER.is_dir():
+        raise StageError(f"{TOKENIZER} is missing; run the fetch stage first (dvc repro fetch)")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER, trust_remote_code=params.shared.trust_remote_code)
     render = make_renderer(cfg.kind, tokenizer, cfg.system_prompt, cfg.chat_template)
     template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.kind == "chat" else None
 

@@ -29,7 +29,7 @@ from tunepipe.params import Params
 log = logging.getLogger("tunepipe.tokenize")
 
 TEMPLATED = Path("data/templated")
-BASE = Path("models/base")
+TOKENIZER = Path("data/raw/tokenizer")  # the base model's, saved by fetch
 OUT = Path("data/tokenized")
 METRICS = Path("metrics/tokenize.json")
 SPLITS = {"train": "train", "val": "validation"}  # file split -> DatasetDict split
@@ -114,12 +114,12 @@ def main(params: Params) -> None:
 
     from tunepipe.tokenization import adds_bos, choose_pad, generation_eos_ids
 
-    if not BASE.is_dir():
-        raise StageError(f"{BASE} is missing; run the fetch stage first (dvc repro fetch)")
-    tokenizer = AutoTokenizer.from_pretrained(BASE, trust_remote_code=params.shared.trust_remote_code)
+    if not TOKENIZER.is_dir():
+        raise StageError(f"{TOKENIZER} is missing; run the fetch stage first (dvc repro fetch)")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER, trust_remote_code=params.shared.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise StageError(f"the tokenizer in {BASE} has no EOS token; the model could never learn to stop")
-    pad = choose_pad(tokenizer, generation_eos_ids(BASE))
+        raise StageError(f"the tokenizer in {TOKENIZER} has no EOS token; the model could never learn to stop")
+    pad = choose_pad(tokenizer, generation_eos_ids(TOKENIZER))
     tokenizer.padding_side = "right"
     bos = adds_bos(tokenizer)
     chat_template = TEMPLATED / "chat_template.jinja"

@@ -5,7 +5,7 @@
 Reads   data/tokenized/pref (prompt, chosen, rejected strings), data/tokenized/tokenizer,
         models/base, models/sft; params: shared.seed, shared.trust_remote_code, train_dpo
 Writes  models/dpo/ (a LoRA adapter trained on base+SFT merged; a whole model with method: full),
-        models/checkpoints/dpo/ (checkpoints + fingerprint.json, kept between runs),
+        models/checkpoints/dpo/ (checkpoints + fingerprint.json, deleted once the model is saved),
         metrics/train_dpo.json and metrics/train_dpo/plots/ (DVCLive: loss, rewards, margins, accuracies)
 
 The SFT adapter is merged into the base in memory and a fresh adapter is trained
@@ -24,8 +24,8 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (load_for_training, load_tokenizer, resolve_precision, set_cpu_threads,
                                trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import (TrainingRun, launch_processes, resume_point, save_trained,
-                               score_only_labelled_positions, trainer_arguments)
+from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
+                               save_trained, score_only_labelled_positions, trainer_arguments)
 
 log = logging.getLogger("tunepipe.train_dpo")
 
@@ -44,7 +44,7 @@ def main(params: Params) -> None:
     for needed in (TOKENIZED / "pref", TOKENIZED / "tokenizer", BASE, SFT):
         if not needed.exists():
             raise StageError(f"{needed}: missing; run the earlier stages first (dvc repro)")
-    resume = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE, "models/sft": SFT})
+    resume, fingerprint = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE, "models/sft": SFT})
     if launch_processes(params, "train_dpo", CHECKPOINTS):  # num_processes > 1: this stage again, under accelerate
         return
     precision = resolve_precision(cfg.precision)
@@ -84,7 +84,7 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT):
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT, fingerprint):
         return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
@@ -92,7 +92,9 @@ def main(params: Params) -> None:
     summary.update({"eval_" + k.replace("/", "_"): _round(run.last_eval.get(k)) for k in REWARD_KEYS})
     summary.update(method=cfg.method, precision=precision, loss_type=cfg.loss_type, beta=cfg.beta,
                    train_pairs=len(trainer.train_dataset))
+    summary.update(provenance(fingerprint, cfg))
     write_json(METRICS, summary)
+    finish_training(CHECKPOINTS)  # the model is saved: nothing is left to resume
     log.info("saved %s; final loss %s, reward accuracy %s (eval %s)", OUT, summary["train_loss"],
              summary["rewards_accuracies"], summary["eval_rewards_accuracies"])
 

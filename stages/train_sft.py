@@ -5,7 +5,7 @@
 Reads   data/tokenized/sft (input_ids, labels), data/tokenized/tokenizer, data/tokenized/info.json,
         models/base; params: shared.seed, shared.trust_remote_code, train_sft
 Writes  models/sft/ (the LoRA adapter; a whole model with method: full),
-        models/checkpoints/sft/ (checkpoints + fingerprint.json, kept between runs),
+        models/checkpoints/sft/ (checkpoints + fingerprint.json, deleted once the model is saved),
         metrics/train_sft.json and metrics/train_sft/plots/ (DVCLive: loss, eval loss, lr, tokens/s)
 
 Rerunning after a kill or Ctrl-C resumes from the last checkpoint when params and
@@ -24,8 +24,8 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (load_for_training, load_tokenizer, read_tokenizer_info, resolve_precision,
                                set_cpu_threads, trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import (TrainingRun, launch_processes, resume_point, save_trained,
-                               score_only_labelled_positions, trainer_arguments)
+from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
+                               save_trained, score_only_labelled_positions, trainer_arguments)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -48,7 +48,7 @@ def main(params: Params) -> None:
     for needed in (TOKENIZED / "sft", TOKENIZED / "tokenizer", BASE):
         if not needed.exists():
             raise StageError(f"{needed}: missing; run the earlier stages first (dvc repro)")
-    resume = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE})
+    resume, fingerprint = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE})
     if launch_processes(params, "train_sft", CHECKPOINTS):  # num_processes > 1: this stage again, under accelerate
         return
     precision = resolve_precision(cfg.precision)
@@ -86,12 +86,14 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT):
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT, fingerprint):
         return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     summary.update(method=cfg.method, precision=precision, padding_free=padding_free,
                    trainable_parameters=n_train, train_examples=len(data["train"]))
+    summary.update(provenance(fingerprint, cfg))
     write_json(METRICS, summary)
+    finish_training(CHECKPOINTS)  # the model is saved: nothing is left to resume
     log.info("saved %s; final train loss %s, eval loss %s, %s tokens/s", OUT, summary["train_loss"],
              summary["eval_loss"], summary["tokens_per_second"])
 

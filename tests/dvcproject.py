@@ -40,9 +40,10 @@ def run(args, cwd, env) -> str:
 def make_project(root: Path, tiny_model_dir: Path, params: dict) -> dict:
     """The pipeline's code, dvc.yaml, ``params`` and the tiny base model (as tiny_base/) in a
     committed git + DVC repository at ``root``; returns the environment to run it with."""
-    for name in ("stages", "tunepipe"):
+    for name in ("stages", "tunepipe", "inputs", "configs"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for name in ("dvc.yaml", "requirements.lock"):
+        shutil.copy(REPO / name, root / name)
     shutil.copytree(tiny_model_dir, root / "tiny_base")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

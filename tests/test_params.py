@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from tunepipe.params import Params, ParamsError, load_params
 
@@ -17,12 +18,30 @@ def write(tmp_path, text):
     return p
 
 
-def test_repo_params_validate_and_match_schema_defaults():
-    # params.yaml spells out the default run; it must be valid and complete.
+def schema_keys_missing(model: type, raw: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the schema ``model`` that the mapping ``raw`` does not spell out."""
+    missing = []
+    for name, field in model.model_fields.items():
+        if name not in raw:
+            missing.append(prefix + name)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            missing += schema_keys_missing(field.annotation, raw[name] or {}, f"{prefix}{name}.")
+    return missing
+
+
+def test_repo_params_validate_and_spell_out_every_schema_key():
+    # No default hidden in code reaches a result: every key DVC could track is in the file
+    # (and `dvc exp run -S fetch.sft.path=...` needs the key to exist to set it).
     params = load_params(REPO_PARAMS)
     raw = yaml.safe_load(open(REPO_PARAMS))
-    assert set(raw) == set(Params.model_fields)
+    assert schema_keys_missing(Params, raw) == []
     assert params.shared.trust_remote_code is False
+
+
+def test_the_completeness_check_notices_a_missing_key():
+    raw = yaml.safe_load(open(REPO_PARAMS))
+    del raw["train_sft"]["weight_decay"], raw["fetch"]["sft"]["path"]
+    assert schema_keys_missing(Params, raw) == ["fetch.sft.path", "train_sft.weight_decay"]
 
 
 def test_unknown_key_names_path_line_and_suggestion(tmp_path):

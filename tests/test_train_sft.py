@@ -113,29 +113,79 @@ def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted_run(workdir, m
     for name, tensor in reference["weights"].items():
         assert (tensor - resumed[name]).abs().max() < 1e-5, name
 
-    # forced rerun (outputs lost, `dvc repro -f`): picks up the final checkpoint, trains nothing
-    eval_rows = plot_rows("eval/loss")
+    # a finished run leaves no checkpoint, so a forced rerun (`dvc repro -f`) trains again from step 0
+    assert not (workdir / "models/checkpoints/sft").exists()
     run_cli(params)
     again = json.loads(Path("metrics/train_sft.json").read_text())
-    assert again["resumed_from_step"] == 4 and again["eval_loss"] == metrics["eval_loss"]
-    assert plot_rows("eval/loss") == eval_rows  # no duplicate points
-    assert all((adapter_weights(Path("models/sft"))[n] == t).all() for n, t in resumed.items())
+    assert again["resumed_from_step"] is None and again["steps"] == 4
+    assert again["train_loss"] == reference["metrics"]["train_loss"]
 
 
-def test_changed_params_do_not_resume(workdir, reference, caplog):
-    import shutil
+def interrupted_run(monkeypatch, params, step: int) -> None:
+    """Train until Ctrl-C at the end of ``step``: a checkpoint and no model."""
+    with monkeypatch.context() as m:
+        interrupt_at(m, step)
+        with pytest.raises(SystemExit):
+            run_cli(params)
+    assert Path(f"models/checkpoints/sft/checkpoint-{step}").is_dir() and not Path("models/sft").exists()
 
+
+def _other_code(m):
+    from tunepipe import training
+
+    m.setattr(training, "code_sha256", lambda: "0" * 64)  # as if tunepipe/ or stages/ had been edited
+
+
+def _other_trl(m):
+    from tunepipe import training
+
+    real = training.library_versions
+    m.setattr(training, "library_versions", lambda: {**real(), "trl": "99.0"})
+
+
+@pytest.mark.parametrize("change", ["params", "code", "library"])
+def test_checkpoints_of_other_params_code_or_libraries_are_not_resumed(workdir, monkeypatch, caplog, change):
     from stages import train_sft
 
-    # checkpoints of the reference run (same data and base), then a different learning rate
-    shutil.copytree(reference["root"] / "models/checkpoints", workdir / "models/checkpoints")
-    assert (workdir / "models/checkpoints/sft/checkpoint-4").is_dir()
-    with caplog.at_level(logging.WARNING, logger="tunepipe"):
-        train_sft.main(tiny_params(train_sft={"learning_rate": 1e-3}))
+    params = tiny_params()
+    interrupted_run(monkeypatch, params, 2)
+    with monkeypatch.context() as m:
+        if change == "params":
+            params = tiny_params(train_sft={"learning_rate": 1e-3})
+        else:
+            (_other_code if change == "code" else _other_trl)(m)
+        with caplog.at_level(logging.WARNING, logger="tunepipe"):
+            train_sft.main(params)
     assert "not resuming: checkpoints were written under different params/inputs" in caplog.text
     metrics = json.loads(Path("metrics/train_sft.json").read_text())
     assert metrics["resumed_from_step"] is None and metrics["steps"] == 4
-    assert metrics["train_loss"] != reference["metrics"]["train_loss"]
+
+
+def test_logging_and_saving_frequency_do_not_invalidate_checkpoints(workdir, monkeypatch):
+    interrupted_run(monkeypatch, tiny_params(), 2)
+    run_cli(tiny_params(train_sft={"logging_steps": 2, "save_steps": 3, "eval_steps": 4, "save_total_limit": 1}))
+    metrics = json.loads(Path("metrics/train_sft.json").read_text())
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    assert metrics["logging_steps"] == 2  # recorded, though it retrains nothing
+
+
+def test_resuming_from_the_last_checkpoint_runs_no_step_past_max_steps(workdir, monkeypatch):
+    # 16 examples of batch 4 make 4 steps an epoch: max_steps 3 ends inside the epoch
+    params = tiny_params(train_sft={"max_steps": 3})
+    interrupted_run(monkeypatch, params, 3)
+    run_cli(params)
+    metrics = json.loads(Path("metrics/train_sft.json").read_text())
+    assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 3
+    assert [r["step"] for r in plot_rows("train/loss")] == ["1", "2", "3"]
+
+
+def test_the_model_records_what_trained_it(workdir, reference):
+    record = json.loads((reference["root"] / "models/sft/training.json").read_text())
+    assert record["params"]["learning_rate"] == 5e-3 and "logging_steps" not in record["params"]
+    assert record["versions"]["trl"] and record["versions"]["torch"] and len(record["code"]) == 64
+    assert set(record["inputs"]) == {"data/tokenized", "models/base"}
+    metrics = reference["metrics"]
+    assert metrics["versions"] == record["versions"] and metrics["code_sha256"] == record["code"][:12]
 
 
 def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer, tmp_path):

