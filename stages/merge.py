@@ -190,7 +190,7 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
         "## Training parameters, code and libraries",
         "",
         "```yaml",
-        yaml.safe_dump({**{name: {k: record[k] for k in ("params", "seed", "code", "versions")}
+        yaml.safe_dump({**{f"train_{name}": {k: record[k] for k in ("params", "seed", "code", "versions")}
                            for name, record in records.items()},
                         "merge": params.merge.model_dump(mode="json")}, sort_keys=False).strip(),
         "```",

@@ -73,3 +73,18 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_size:
 def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     """Session-wide tiny model folder; copy it before changing it."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(tmp_path_factory, tiny_model_dir):
+    """The whole pipeline reproduced once on the tiny configuration: (root, env).
+
+    Read it, or take a copy to change (tests.dvcproject.copy_project)."""
+    from tests.dvcproject import DVC, make_project, run, tiny_params
+
+    root = tmp_path_factory.mktemp("reproduced")
+    env = make_project(root, tiny_model_dir, tiny_params("tiny_base"))
+    run([*DVC, "repro"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "reproduced"], root, env)
+    return root, env

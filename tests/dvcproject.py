@@ -4,6 +4,7 @@ that run the real `dvc repro` (tests/test_pipeline_e2e.py, tests/faults/).
     params = tiny_params("tiny_base")        # params.yaml shrunk to seconds per stage
     env = make_project(root, tiny_model_dir, params)
     run([*DVC, "repro"], root, env)
+    root, env = copy_project(reproduced_project, tmp_path / "copy")   # of the session's reproduced one
 """
 
 from __future__ import annotations
@@ -55,3 +56,16 @@ def make_project(root: Path, tiny_model_dir: Path, params: dict) -> dict:
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)  # DVCLive reads the git HEAD: it needs a commit
     return env
+
+
+def copy_project(source: tuple[Path, dict], dest: Path) -> tuple[Path, dict]:
+    """A copy of a project (work tree, git, DVC cache and run cache) that a test may change."""
+    root, env = source
+    shutil.copytree(root, dest, symlinks=True)
+    return dest, env
+
+
+def dvc_status(root: Path, env: dict) -> dict:
+    import json
+
+    return json.loads(run([*DVC, "status", "--json"], root, env) or "{}")

@@ -59,69 +59,59 @@ def params(**evaluate) -> Params:
     return Params.model_validate({"evaluate": {"max_new_tokens": 6, "batch_size": 4, **evaluate}})
 
 
-def run(p: Params):
+def run(p: Params, model: str) -> tuple[list[dict], list[dict]]:
+    """One evaluate@<model> run: its generation and preference rows."""
     from stages import evaluate
 
-    evaluate.main(p)
-    return json.loads(Path("metrics/eval.json").read_text())
+    evaluate.main(p, model=model)
+    return read_jsonl(f"data/eval/{model}/generations.jsonl"), read_jsonl(f"data/eval/{model}/preferences.jsonl")
 
 
-def test_metrics_for_every_model(project):
-    metrics = run(params())
-    assert set(metrics) == {"base", "sft", "final"}
-    families = {r["meta"]["family"] for r in read_jsonl("data/templated/sft_test.jsonl")}
-    for m in metrics.values():
-        for key in ("task_accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "perplexity", "nll",
-                    "pref_accuracy", "pref_margin", "mean_new_tokens", "eos_rate", "repeat_rate", "truncated_rate"):
-            assert isinstance(m[key], (int, float)), key
-        assert {k[4:] for k in m if k.startswith("acc_")} == families
-        assert m["n_prompts"] == N_SFT and m["n_pairs"] == N_PREF
-        assert 0 <= m["task_accuracy"] <= 1 and m["perplexity"] > 1 and 0 < m["mean_new_tokens"] <= 6
-    # the adapter merged in memory (sft) is the saved merged model (final)
-    assert metrics["sft"] == pytest.approx(metrics["final"], abs=1e-3)
-    assert metrics["sft"]["perplexity"] != metrics["base"]["perplexity"]
-
-
-def test_generations_and_preferences_files(project):
-    run(params())
-    gens = read_jsonl("data/eval/generations.jsonl")
-    assert len(gens) == 3 * N_SFT
-    assert [g["model"] for g in gens] == ["base"] * N_SFT + ["sft"] * N_SFT + ["final"] * N_SFT
+def test_rows_for_every_prompt_and_pair(project):
     tests = read_jsonl("data/templated/sft_test.jsonl")
-    for g, t in zip(gens, tests):
-        assert (g["id"], g["prompt"], g["reference"]) == (t["id"], t["prompt"], t["completion"])
-        assert g["task"] in ("pass", "wrong_answer", "constraint_broken")
-        assert (g["task"] != "pass") == any(f in ("wrong_answer", "constraint_broken") for f in g["failures"])
-        assert g["stopped_at_eos"] == ("no_stop" not in g["failures"])
-        assert 1 <= g["n_new_tokens"] <= 6 and g["ref_nll"] > 0
-    prefs = read_jsonl("data/eval/preferences.jsonl")
-    assert len(prefs) == 3 * N_PREF
-    for p in prefs:
-        assert p["correct"] == (p["margin"] > 0)
-        assert p["margin"] == pytest.approx(p["chosen_logp"] - p["rejected_logp"], abs=2e-4)
-        assert p["rejected_kind"] in ("wrong_answer", "ignored_constraint", "rambling", "repetition", "no_stop")
+    for model in ("base", "sft", "final"):
+        gens, prefs = run(params(), model)
+        assert len(gens) == N_SFT and len(prefs) == N_PREF and {g["model"] for g in gens} == {model}
+        for g, t in zip(gens, tests):
+            assert (g["id"], g["prompt"], g["reference"]) == (t["id"], t["prompt"], t["completion"])
+            assert g["task"] in ("pass", "wrong_answer", "constraint_broken")
+            assert (g["task"] != "pass") == any(f in ("wrong_answer", "constraint_broken") for f in g["failures"])
+            assert g["stopped_at_eos"] == ("no_stop" not in g["failures"])
+            assert 1 <= g["n_new_tokens"] <= 6 and g["ref_tokens"] >= 1
+            assert g["ref_nll"] == pytest.approx(-g["ref_logp"] / g["ref_tokens"], abs=2e-4)
+            assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(g)
+        for p in prefs:
+            assert p["correct"] == (p["margin"] > 0) and p["chosen_tokens"] >= 1 and p["rejected_tokens"] >= 1
+            assert p["margin"] == pytest.approx(p["chosen_logp"] - p["rejected_logp"], abs=2e-4)
+            assert p["rejected_kind"] in ("wrong_answer", "ignored_constraint", "rambling", "repetition", "no_stop")
+
+
+def test_sft_merged_in_memory_scores_as_the_saved_merged_model(project):
+    sft, final = run(params(), "sft"), run(params(), "final")
+    assert [g["output"] for g in sft[0]] == [g["output"] for g in final[0]]
+    assert [g["ref_logp"] for g in sft[0]] == pytest.approx([g["ref_logp"] for g in final[0]], abs=1e-3)
+    base = run(params(), "base")
+    assert [g["ref_logp"] for g in base[0]] != pytest.approx([g["ref_logp"] for g in sft[0]], abs=1e-3)
 
 
 def test_same_params_same_outputs_even_when_sampling(project):
-    p = params(do_sample=True, temperature=1.3, models=["base", "final"])
-    first = run(p)
-    first_gens = Path("data/eval/generations.jsonl").read_bytes()
-    assert run(p) == first
-    assert Path("data/eval/generations.jsonl").read_bytes() == first_gens
+    p = params(do_sample=True, temperature=1.3)
+    run(p, "final")
+    first = Path("data/eval/final/generations.jsonl").read_bytes()
+    run(p, "final")
+    assert Path("data/eval/final/generations.jsonl").read_bytes() == first
 
 
-def test_max_examples_and_model_subset(project):
-    metrics = run(params(max_examples=2, models=["final"]))
-    assert list(metrics) == ["final"]
-    assert metrics["final"]["n_prompts"] == 2 and metrics["final"]["n_pairs"] == 2
-    assert len(read_jsonl("data/eval/generations.jsonl")) == 2
+def test_max_examples(project):
+    gens, prefs = run(params(max_examples=2), "final")
+    assert len(gens) == 2 and len(prefs) == 2
 
 
 def test_missing_model_is_a_clear_error(project):
     shutil.rmtree("models/sft")
     with pytest.raises(StageError, match="models/sft is missing"):
-        run(params(models=["sft"]))
-    assert not Path("metrics/eval.json").exists()
+        run(params(), "sft")
+    assert not Path("data/eval/sft").exists()
 
 
 def test_malformed_test_row_names_the_file_and_row(project):
@@ -129,4 +119,4 @@ def test_malformed_test_row_names_the_file_and_row(project):
     del rows[1]["completion"]
     write_jsonl("data/templated/sft_test.jsonl", rows)
     with pytest.raises(DataError, match=r"sft_test.jsonl: row 2 .*'completion'"):
-        run(params())
+        run(params(), "base")

@@ -74,7 +74,9 @@ def test_merged_model_equals_base_plus_adapters_and_loads_plainly(workdir, monke
 
     card = (final / "README.md").read_text()
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "ab" * 32 in card
-    for section in ("train_sft:", "train_dpo:", "template:", "tokenize:", "merge:", '"rewards_accuracies"'):
+    # what trained each adapter: its params, code and library versions (the stages' training.json)
+    for section in ("train_sft:", "train_dpo:", "merge:", "learning_rate: 0.05", "trl:", "code:",
+                    '"rewards_accuracies"'):
         assert section in card, section
     assert SECRET not in card
 

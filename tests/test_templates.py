@@ -148,7 +148,7 @@ def write_raw(root, sft=None, pref=None):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, smol_tokenizer_dir):
-    shutil.copytree(smol_tokenizer_dir, tmp_path / "models/base")
+    shutil.copytree(smol_tokenizer_dir, tmp_path / "data/raw/tokenizer")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -193,9 +193,9 @@ def canonical(i: int, **kw) -> dict:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, smol_tokenizer_dir):
-    shutil.copytree(smol_tokenizer_dir, tmp_path / "models/base")
+    shutil.copytree(smol_tokenizer_dir, tmp_path / "data/raw/tokenizer")
     raw = tmp_path / "data/raw"
-    raw.mkdir(parents=True)
+    raw.mkdir(parents=True, exist_ok=True)
     sft = [canonical(i) for i in range(5)] + [canonical(9, output="long answer " * 100)]
     pref = [{**canonical(i), "chosen": "ok", "rejected": "no no no"} for i in range(4)]
     pref.append({**canonical(8), "chosen": "ok", "rejected": "very long " * 100})

@@ -80,10 +80,10 @@ def test_disk_full_midway_through_a_folder_keeps_the_old_folder(tmp_path):
 
 @pytest.fixture
 def raw_project(tmp_path, monkeypatch, smol_tokenizer_dir):
-    """data/raw and models/base (tokenizer only) for the template and tokenize stages."""
-    shutil.copytree(smol_tokenizer_dir, tmp_path / "models/base")
+    """data/raw with the base model's tokenizer, for the template and tokenize stages."""
+    shutil.copytree(smol_tokenizer_dir, tmp_path / "data/raw/tokenizer")
     raw = tmp_path / "data/raw"
-    raw.mkdir(parents=True)
+    raw.mkdir(parents=True, exist_ok=True)
     sft = [canonical(i) for i in range(6)]
     pref = [{**canonical(i), "chosen": "ok", "rejected": "no no no"} for i in range(4)]
     for split in ("train", "val", "test"):

@@ -1,0 +1,147 @@
+"""A result is what its params, code and data say: the real `dvc repro` on the tiny pipeline.
+
+A change reruns what it touches and nothing else; a forced rerun really reruns; going
+back to a configuration already run restores it from DVC's run cache instead of
+training again, in the same workspace and in a fresh clone that pulled the run cache
+from a remote (a local folder stands in for S3/GCS/SSH).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.dvcproject import DVC, copy_project, dvc_status, run
+
+pytestmark = pytest.mark.e2e
+
+TRAINING = ("train-sft", "train-dpo")
+
+
+@pytest.fixture(scope="module")
+def project(reproduced_project, tmp_path_factory):
+    return copy_project(reproduced_project, tmp_path_factory.mktemp("invalidation") / "p")
+
+
+def dvc_log(root: Path, env: dict, *args: str) -> str:
+    """stdout and stderr of a dvc command that must succeed (the stages log to stderr)."""
+    out = subprocess.run([*DVC, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def set_params(root: Path, **changes) -> str:
+    """Set dotted keys (``train_sft__learning_rate=...``: `__` for `.`); return the old file text."""
+    path = root / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return original
+
+
+def ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
+
+
+def test_logging_and_checkpoint_frequency_rerun_nothing_that_trains(project):
+    root, env = project
+    original = set_params(root, train_sft__logging_steps=3, train_sft__save_steps=1, train_dpo__eval_steps=1,
+                          train_dpo__save_total_limit=5)
+    try:
+        assert set(dvc_status(root, env)) == {"report"}  # the report shows every param
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
+def test_forced_rerun_trains_again_from_step_zero(project):
+    root, env = project
+    log = dvc_log(root, env, "repro", "-f", "-s", "train-sft")
+    assert ran(log) == {"train-sft"} and "resuming from" not in log
+    metrics = json.loads((root / "metrics/train_sft.json").read_text())
+    assert metrics["resumed_from_step"] is None and metrics["steps"] == 4
+    assert not (root / "models/checkpoints/sft").exists()  # nothing left behind to resume from
+
+
+def test_a_code_change_retrains_and_reverting_it_restores_from_the_run_cache(project):
+    root, env = project
+    dvc_log(root, env, "repro")
+    training_py = root / "tunepipe/training.py"
+    original = training_py.read_text()
+    training_py.write_text(original + "\n# a comment: still a code change\n")
+    log = dvc_log(root, env, "repro")
+    assert set(TRAINING) <= ran(log) and "resuming from" not in log
+    assert not ran(log) & {"fetch", "template", "tokenize", "evaluate@base"}
+
+    training_py.write_text(original)
+    log = dvc_log(root, env, "repro")
+    for stage in TRAINING:
+        assert f"Stage '{stage}' is cached - skipping run" in log
+    assert not ran(log) & set(TRAINING)
+
+
+def test_changing_a_training_param_back_restores_from_the_run_cache(project):
+    root, env = project
+    original = set_params(root, train_sft__learning_rate=2e-3)
+    assert "Running stage 'train-sft'" in dvc_log(root, env, "repro")
+    (root / "params.yaml").write_text(original)
+    log = dvc_log(root, env, "repro")
+    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log) & set(TRAINING)
+    assert dvc_status(root, env) == {}
+
+
+def test_a_local_data_file_is_a_dependency_of_fetch(project):
+    root, env = project
+    rows = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i}"} for i in range(60)]
+    data = root / "mydata.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    original = set_params(root, fetch__sft__source="local", fetch__sft__path="mydata.jsonl",
+                          fetch__sft__format="alpaca")
+    try:
+        dvc_log(root, env, "repro", "-s", "fetch")
+        assert "fetch" not in dvc_status(root, env)
+        with open(data, "a") as f:
+            f.write(json.dumps({"instruction": "One more.", "input": "", "output": "ok"}) + "\n")
+        status = dvc_status(root, env)
+        assert set(status) == {"fetch"} and "mydata.jsonl" in json.dumps(status["fetch"])
+    finally:
+        (root / "params.yaml").write_text(original)
+        data.unlink()
+    dvc_log(root, env, "repro")  # back to the generated data: restored from the run cache
+    assert dvc_status(root, env) == {}
+
+
+def test_a_fresh_clone_pulls_the_run_cache_and_reruns_only_what_changed(project, tmp_path):
+    """What a teammate's clone and the PR workflow do: pull, then repro an evaluation change."""
+    root, env = project
+    remote = tmp_path / "remote"
+    run([*DVC, "remote", "add", "-d", "store", str(remote)], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "remote", "--allow-empty"], root, env)
+    dvc_log(root, env, "push", "--run-cache")
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    dvc_log(clone, env, "pull", "--run-cache")
+    assert dvc_status(clone, env) == {}
+
+    # a configuration trained before, in another workspace: restored, not retrained
+    set_params(clone, train_sft__learning_rate=2e-3)
+    log = dvc_log(clone, env, "repro")
+    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log) & set(TRAINING)
+
+    # an evaluation setting: only the evaluation and what reads it
+    run(["git", "checkout", "params.yaml", "dvc.lock"], clone, env)
+    dvc_log(clone, env, "checkout")
+    set_params(clone, evaluate__max_new_tokens=6)
+    log = dvc_log(clone, env, "repro")
+    assert ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@final", "compare", "report"}
