@@ -36,12 +36,16 @@ def main(params: Params) -> None:
 
     # ---- data: first, so a data mistake stops the run before the slow imports and model load
     # (the generator and the splits take the seed themselves)
-    data, data_info = {}, {}
+    data, data_info, by_role = {}, {}, {}
     for role, prefix in (("sft", "sft"), ("preference", "pref")):
-        splits, data_info[role] = sources.load_data(getattr(cfg, role), role, cfg, shared.seed)
-        for split, records in splits.items():
+        by_role[role], data_info[role] = sources.load_data(getattr(cfg, role), role, cfg, shared.seed)
+    # no test prompt may appear in any training role (SFT or preference), in any phrasing we can see
+    for role, n in sources.remove_test_overlap(by_role).items():
+        data_info[role]["test_removed_overlap"] = n
+    for role, prefix in (("sft", "sft"), ("preference", "pref")):
+        for split, records in by_role[role].items():
             data[f"{prefix}_{split}.jsonl"] = records
-        log.info("%s: %s", role, {k: len(v) for k, v in splits.items()})
+        log.info("%s: %s", role, {k: len(v) for k, v in by_role[role].items()})
 
     # ---- model
     from transformers import set_seed

@@ -2,15 +2,20 @@
 
     python -m stages.report [--params params.yaml]
 
-Reads metrics/eval.json and data/eval/ (evaluate), the DVCLive histories under
-metrics/train_sft/plots and metrics/train_dpo/plots, metrics/train_{sft,dpo}.json
-and data/raw/manifest.json, and shows the validated params (every key, defaults
-filled in). Missing training curves or provenance files are noted in the report,
-not an error; missing evaluation results are.
+Reads metrics/eval.json (compare: every figure with its interval, the trivial
+baselines, the paired tests), data/eval/<model>/generations.jsonl (evaluate: samples
+and error analysis) for each model in it, metrics/forgetting.json when the forgetting
+stage wrote it, the DVCLive histories under metrics/train_sft/plots and
+metrics/train_dpo/plots, metrics/train_{sft,dpo}.json and data/raw/manifest.json, and
+shows the validated params (every key, defaults filled in). Missing training curves,
+generations or provenance files are noted in the report, not an error; missing
+metrics/eval.json is.
 
 Writes reports/ (one folder, replaced atomically):
-  report.md     metrics table (base / sft / final with deltas), figures, sample
-                generations side by side, error analysis, params and hashes
+  report.md     the headline (final against the best trivial baseline), metrics table
+                (values with intervals, baselines, tested deltas), preference accuracy,
+                the forgetting guard, figures, sample generations side by side, error
+                analysis, params and hashes
   report.html   the same, one file that opens from disk (figures embedded as base64 PNG)
   figures/      sft_loss.png, dpo_loss.png, dpo_rewards.png, skill_accuracy.png
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from tunepipe.artifacts import atomic_path, read_json, read_jsonl
+from tunepipe.artifacts import DataError, atomic_path, read_json, read_jsonl
 from tunepipe.cli import StageError, run_stage
 from tunepipe.params import Params
 
@@ -32,15 +37,38 @@ log = logging.getLogger("tunepipe.report")
 
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_DIR = Path("data/eval")
+FORGETTING = Path("metrics/forgetting.json")
 PLOTS = {"sft": Path("metrics/train_sft/plots"), "dpo": Path("metrics/train_dpo/plots")}
 TRAIN_SUMMARIES = {"sft": Path("metrics/train_sft.json"), "dpo": Path("metrics/train_dpo.json")}
 MANIFEST = Path("data/raw/manifest.json")
 OUT = Path("reports")
-MODEL_ORDER = ("base", "sft", "final")
 
 
 def read_optional_json(path: Path):
     return read_json(path) if path.exists() else None
+
+
+def read_generations(models: list[str]) -> tuple[list[dict], list[str]]:
+    """Every model's generation rows, and the files that were not there."""
+    rows, missing = [], []
+    for model in models:
+        path = EVAL_DIR / model / "generations.jsonl"
+        if path.exists():
+            rows += read_jsonl(path)
+        else:
+            missing.append(f"{path} (samples and error analysis of {model})")
+    return rows, missing
+
+
+def read_forgetting():
+    """metrics/forgetting.json when it is there and a JSON object; its keys belong to the
+    forgetting stage, so anything unexpected is logged and left out, never fatal."""
+    try:
+        data = read_optional_json(FORGETTING)
+    except DataError as exc:
+        log.warning("%s; the forgetting guard is left out of the report", exc)
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def main(params: Params) -> None:
@@ -49,15 +77,14 @@ def main(params: Params) -> None:
 
     # ---------------------------------------------------------------- data
     if not EVAL_METRICS.exists():
-        raise StageError(f"{EVAL_METRICS} is missing; run the evaluate stage first (dvc repro evaluate)")
+        raise StageError(f"{EVAL_METRICS} is missing; run the evaluate and compare stages first (dvc repro compare)")
     metrics = read_json(EVAL_METRICS)
-    models = [m for m in MODEL_ORDER if m in metrics] + sorted(set(metrics) - set(MODEL_ORDER))
+    models = reporting.eval_models(metrics) if isinstance(metrics, dict) else []
     if not models:
-        raise StageError(f"{EVAL_METRICS} holds no model results")
-    generations = read_jsonl(EVAL_DIR / "generations.jsonl") if (EVAL_DIR / "generations.jsonl").exists() else []
-    preferences = read_jsonl(EVAL_DIR / "preferences.jsonl") if (EVAL_DIR / "preferences.jsonl").exists() else []
+        raise StageError(f"{EVAL_METRICS} holds no model results; rerun the compare stage (dvc repro compare)")
+    generations, missing = read_generations(models)
     curves = {stage: reporting.read_curves(path) for stage, path in PLOTS.items()}
-    missing = [f"{path}/metrics (training curves)" for stage, path in PLOTS.items() if not curves[stage]]
+    missing += [f"{path}/metrics (training curves)" for stage, path in PLOTS.items() if not curves[stage]]
     training = {stage: s for stage, path in TRAIN_SUMMARIES.items() if (s := read_optional_json(path))}
 
     # ---------------------------------------------------------------- figures
@@ -68,9 +95,9 @@ def main(params: Params) -> None:
     # ---------------------------------------------------------------- render and save
     report = reporting.Report(
         title=cfg.title, models=models, metrics=metrics, figures=figures, missing_curves=missing,
-        generations=generations, preferences=preferences, n_samples=cfg.n_samples, training=training,
+        generations=generations, n_samples=cfg.n_samples, training=training,
         params_text=yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
-        manifest=read_optional_json(MANIFEST))
+        manifest=read_optional_json(MANIFEST), forgetting=read_forgetting())
     with atomic_path(OUT, is_dir=True) as tmp:
         (tmp / "figures").mkdir(parents=True)
         for fig in figures:

@@ -112,6 +112,98 @@ def test_gguf_finder(tmp_path, monkeypatch):
         find_gguf("no_such_package_xyz")
 
 
+# --------------------------------------------------------------------------- data: test splits
+
+
+def _sft(rid, text, history=(), system=None):
+    return {"id": rid, "instruction": text, "input": "", "output": "x", "system": system, "history": list(history)}
+
+
+def _pref(rid, text, input_="", system=None):
+    return {"id": rid, "instruction": text, "input": input_, "chosen": "a", "rejected": "b", "system": system,
+            "history": []}
+
+
+def test_remove_test_overlap_drops_test_prompts_that_any_role_trains_on():
+    from tunepipe.sources import remove_test_overlap
+
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    sft = {"train": [_sft("s1", "What is DVC?"), _sft("s2", "Name a river.")], "val": [_sft("s0", "Explain LoRA.")],
+           "test": [_sft("s3", "  what is\n DVC? "), _sft("s4", "Explain LoRA."), _sft("s5", "Name a river.", earlier)]}
+    pref = {"train": [_pref("p1", "Explain LoRA.")], "val": [],
+            "test": [_pref("p2", "NAME A RIVER."), _pref("p3", "Name a river.", "in Peru"),
+                     _pref("p4", "What is DVC?", system="Be brief.")]}
+    sft_test = sft["test"]
+    removed = remove_test_overlap({"sft": sft, "preference": pref})
+    # s3: same prompt up to case/whitespace; s4 and p2: the other role trains on it; p4: only the system differs
+    assert removed == {"sft": 2, "preference": 2}
+    assert [r["id"] for r in sft["test"]] == ["s5"] and [r["id"] for r in pref["test"]] == ["p3"]
+    assert sft["test"] is sft_test                          # in place: the fetch stage's lists see it
+    assert [r["id"] for r in sft["train"]] == ["s1", "s2"] and len(sft["val"]) == 1
+
+
+def test_remove_test_overlap_refuses_to_leave_nothing_to_test():
+    from tunepipe.artifacts import DataError
+    from tunepipe.sources import remove_test_overlap
+
+    splits = {"sft": {"train": [_sft("a", "Same")], "val": [], "test": [_sft("b", "same")]}}
+    with pytest.raises(DataError, match="fetch.sft: all 1 test prompts also appear in training"):
+        remove_test_overlap(splits)
+
+
+def test_generated_data_has_no_test_prompt_in_training():
+    from tunepipe.params import Fetch
+    from tunepipe.sources import load_data, remove_test_overlap
+
+    by_role = {role: load_data(getattr(Fetch(), role), role, Fetch(), seed=42)[0] for role in ("sft", "preference")}
+    assert remove_test_overlap(by_role) == {"sft": 0, "preference": 0}
+    assert len(by_role["sft"]["test"]) == Fetch().generated.n_test
+
+
+def _test_split_source(tmp_path, **update):
+    """A save_to_disk folder with its own train_sft (30 rows) and test_sft (8 rows) splits."""
+    import datasets
+    from tunepipe.params import DataSource
+
+    rows = lambda split, n: [{"instruction": f"{split} question {i}", "output": str(i)} for i in range(n)]
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(rows("train", 30)),
+                          "test_sft": datasets.Dataset.from_list(rows("test", 8))}).save_to_disk(tmp_path / "ds")
+    return DataSource(source="local", path=str(tmp_path / "ds"), format="alpaca", split="train_sft",
+                      test_split="test_sft", **update)
+
+
+def test_a_source_with_its_own_test_split_is_tested_on_it(tmp_path):
+    from tunepipe.params import Fetch
+    from tunepipe.sources import load_data
+
+    ds = _test_split_source(tmp_path)
+    splits, info = load_data(ds, "sft", Fetch(), seed=0)
+    assert sorted(r["instruction"] for r in splits["test"]) == sorted(f"test question {i}" for i in range(8))
+    assert all(r["instruction"].startswith("train") for r in splits["train"] + splits["val"])
+    assert len(splits["train"]) + len(splits["val"]) == 30 and len(splits["val"]) >= 1
+    assert info["test"]["rows"]["kept"] == 8 and info["origin"] != info["test"]["origin"]
+    assert not {r["id"] for r in splits["test"]} & {r["id"] for r in splits["train"] + splits["val"]}
+    assert json.dumps(load_data(ds, "sft", Fetch(), seed=0)[0]) == json.dumps(splits)   # seeded
+
+    small, _ = load_data(_test_split_source(tmp_path / "b", max_rows=5), "sft", Fetch(), seed=0)
+    assert len(small["train"]) + len(small["val"]) == 5 and len(small["test"]) == 5   # max_rows caps each split
+
+
+def test_a_test_split_needs_a_source_with_named_splits(tmp_path):
+    from tunepipe.artifacts import DataError
+    from tunepipe.params import DataSource, Fetch
+    from tunepipe.sources import load_data
+
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n"
+                                                for i in range(5)))
+    ds = DataSource(source="local", path=str(tmp_path / "sft.jsonl"), format="alpaca", test_split="test")
+    with pytest.raises(DataError, match="single file with no named splits"):
+        load_data(ds, "sft", Fetch(), seed=0)
+    missing = _test_split_source(tmp_path).model_copy(update={"test_split": "test_gen"})
+    with pytest.raises(DataError, match="fetch.sft.test_split: .* has no split 'test_gen'"):
+        load_data(missing, "sft", Fetch(), seed=0)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -144,7 +236,8 @@ def test_fetch_writes_model_data_and_manifest_reproducibly(tiny_model_dir, tmp_p
         _run_fetch(run, params_file)
     raw, base = runs[0] / "data" / "raw", runs[0] / "models" / "base"
     names = {f"{p}_{s}.jsonl" for p in ("sft", "pref") for s in ("train", "val", "test")}
-    assert {p.name for p in raw.iterdir()} == names | {"manifest.json"}
+    assert {p.name for p in raw.iterdir()} == names | {"manifest.json", "tokenizer"}
+    assert (raw / "tokenizer" / "tokenizer_config.json").is_file()   # what the data stages read of the model
     assert not [p for p in runs[0].rglob(".tmp-*")]
 
     manifest = json.loads((raw / "manifest.json").read_text())

@@ -238,3 +238,39 @@ def test_pairs_without_a_kv_cache_are_scored_one_by_one(smol_tokenizer):
     assert [[s for s in pair] for pair in pairs] == [list(x) for x in zip(*singles)]
     with pytest.raises(ValueError, match="same number of completions"):
         metrics.completion_set_logprobs(model, tok, ["a", "b"], [["x"], ["y", "z"]])
+
+
+# --------------------------------------------------------------------------- BLEU from per-item counts
+
+
+def test_bleu_from_summed_item_stats_equals_corpus_bleu():
+    import random
+
+    import numpy as np
+
+    rng = random.Random(0)
+    vocab = "the cat sat on a mat dog 1 2 3 , .".split()
+    for _ in range(200):  # random corpora: empty answers, no 4-gram matches, short and long hypotheses
+        n = rng.randint(1, 5)
+        preds = [" ".join(rng.choices(vocab, k=rng.randint(0, 9))) for _ in range(n)]
+        refs = [" ".join(rng.choices(vocab, k=rng.randint(1, 9))) for _ in range(n)]
+        totals = np.sum(metrics.bleu_item_stats(preds, refs), axis=0)
+        assert metrics.bleu_from_stats(totals) == pytest.approx(metrics.bleu(preds, refs), abs=1e-12)
+
+
+def test_bleu_item_stats_worked_example_and_batches():
+    import numpy as np
+
+    # "the cat sat on the mat" vs "the cat sat on a mat": 5/6 unigrams, 3/5 bigrams, 2/4, 1/3; 6 and 6 words
+    (row,) = metrics.bleu_item_stats(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert row == [5, 3, 2, 1, 6, 5, 4, 3, 6, 6]
+    both = np.array([row, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]], dtype=float)  # one resample per row
+    got = metrics.bleu_from_stats(both)
+    assert got[0] == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25) and got[1] == 0.0
+
+
+def test_preference_per_token_ignores_length():
+    # a long rejected answer: lower summed log-prob (-20 < -5), higher per token (-0.5 > -1)
+    assert not metrics.prefers_per_token(-5.0, 5, -20.0, 40)
+    assert metrics.prefers_per_token(-5.0, 5, -12.0, 6)
+    assert not metrics.prefers_per_token(-4.0, 4, -2.0, 2)  # a tie is not a preference

@@ -7,21 +7,14 @@ import json
 import pytest
 import yaml
 
-from tests.dvcproject import DVC, make_project, run, tiny_params
+from tests.dvcproject import dvc_status
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("project")
-    env = make_project(root, tiny_model_dir, tiny_params("tiny_base"))
-    run([*DVC, "repro"], root, env)
-    return root, env
-
-
-def dvc_status(root, env) -> dict:
-    return json.loads(run([*DVC, "status", "--json"], root, env) or "{}")
+def project(reproduced_project):
+    return reproduced_project  # only read here: params are restored after each change
 
 
 def test_repro_produces_every_output(project):
@@ -30,7 +23,11 @@ def test_repro_produces_every_output(project):
     assert (final / "model.safetensors").exists() and (final / "README.md").exists()
     assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] is not None
     metrics = json.loads((root / "metrics/eval.json").read_text())
-    assert set(metrics) == {"base", "sft", "final"}
+    assert metrics["models"] == ["base", "sft", "final"]
+    for model in ("base", "sft", "final", "baseline_constant"):
+        assert metrics[model]["task_accuracy_ci_low"] <= metrics[model]["task_accuracy"] \
+            <= metrics[model]["task_accuracy_ci_high"]
+    assert "task_accuracy_p_value" in metrics["comparisons"]["final_vs_base"]
     html = (root / "reports/report.html").read_text()
     for model in ("base", "sft", "final"):
         assert model in html
@@ -55,14 +52,16 @@ def changed_stages_after(root, env, section: str, key: str, value) -> set:
         params_file.write_text(original)
 
 
-def test_eval_setting_reruns_only_evaluate_and_report(project):
+def test_eval_setting_reruns_only_the_evaluations_and_report(project):
     root, env = project
-    assert changed_stages_after(root, env, "evaluate", "max_new_tokens", 9) == {"evaluate", "report"}
+    # compare follows once they write new results; the report also shows every param
+    assert changed_stages_after(root, env, "evaluate", "max_new_tokens", 9) == {
+        "evaluate@base", "evaluate@sft", "evaluate@final", "report"}
 
 
 def test_dpo_beta_reruns_dpo_and_after_never_before(project):
     root, env = project
     changed = changed_stages_after(root, env, "train_dpo", "beta", 0.5)
-    # dvc status names stages whose own deps changed; evaluate follows once merge writes a new model.
-    assert "train-dpo" in changed
-    assert changed <= {"train-dpo", "merge", "evaluate", "report"}
+    # dvc status names stages whose own deps changed: merge, evaluate@final and compare follow once
+    # train-dpo writes a new model; evaluate@base and evaluate@sft never do (their models stay).
+    assert changed == {"train-dpo", "report"}

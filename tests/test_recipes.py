@@ -112,6 +112,8 @@ def test_qwen_recipe_uses_ultrafeedback_sft_and_preference_splits():
     assert sft.id == pref.id == "HuggingFaceH4/ultrafeedback_binarized"
     assert (sft.split, sft.format) == ("train_sft", "messages")
     assert (pref.split, pref.format) == ("train_prefs", "preference")
+    # train_sft and train_prefs share prompts: both roles test on the data set's own held-out splits
+    assert (sft.test_split, pref.test_split) == ("test_sft", "test_prefs")
     assert p.train_sft.method == p.train_dpo.method == "lora"
 
 

@@ -13,13 +13,44 @@ from tunepipe import reporting
 from tunepipe.params import Params
 
 MODELS = ("base", "sft", "final")
+
+
+def with_ci(**values) -> dict:
+    """A model's metrics/eval.json entry: each value with an interval 0.1 either side."""
+    out = {}
+    for k, v in values.items():
+        out.update({k: v, f"{k}_ci_low": round(v - 0.1, 4), f"{k}_ci_high": round(v + 0.1, 4)})
+    return out
+
+
+def delta(metric, d, p, significant) -> dict:
+    return {f"{metric}_delta": d, f"{metric}_delta_ci_low": d - 0.05, f"{metric}_delta_ci_high": d + 0.05,
+            f"{metric}_p_value": p, f"{metric}_significant": significant}
+
+
 METRICS = {
-    "base": {"task_accuracy": 0.25, "acc_arithmetic": 0.5, "acc_text": 0.0, "rougeL": 0.3, "perplexity": 20.0,
-             "pref_accuracy": 0.5, "eos_rate": 0.5, "repeat_rate": 0.5, "mean_new_tokens": 30.0, "n_prompts": 4},
-    "sft": {"task_accuracy": 0.5, "acc_arithmetic": 1.0, "acc_text": 0.0, "rougeL": 0.6, "perplexity": 5.0,
-            "pref_accuracy": 0.75, "eos_rate": 1.0, "repeat_rate": 0.0, "mean_new_tokens": 4.0, "n_prompts": 4},
-    "final": {"task_accuracy": 0.75, "acc_arithmetic": 1.0, "acc_text": 0.5, "rougeL": 0.7, "perplexity": 6.0,
-              "pref_accuracy": 1.0, "eos_rate": 1.0, "repeat_rate": 0.0, "mean_new_tokens": 3.5, "n_prompts": 4},
+    "models": list(MODELS),
+    "base": {**with_ci(task_accuracy=0.25, acc_arithmetic=0.5, acc_text=0.0, rougeL=0.3, perplexity=20.0,
+                       pref_accuracy=0.5, pref_accuracy_norm=0.25, pref_acc_rambling=1.0, pref_acc_norm_rambling=0.0,
+                       eos_rate=0.5, repeat_rate=0.5, mean_new_tokens=30.0), "n_prompts": 4, "n_pairs": 4},
+    "sft": {**with_ci(task_accuracy=0.5, acc_arithmetic=1.0, acc_text=0.0, rougeL=0.6, perplexity=5.0,
+                      pref_accuracy=0.75, pref_accuracy_norm=0.5, pref_acc_rambling=1.0, pref_acc_norm_rambling=0.5,
+                      eos_rate=1.0, repeat_rate=0.0, mean_new_tokens=4.0), "n_prompts": 4, "n_pairs": 4},
+    "final": {**with_ci(task_accuracy=0.75, acc_arithmetic=1.0, acc_text=0.5, rougeL=0.7, perplexity=6.0,
+                        pref_accuracy=1.0, pref_accuracy_norm=0.625, pref_acc_rambling=1.0, pref_acc_norm_rambling=0.5,
+                        eos_rate=1.0, repeat_rate=0.0, mean_new_tokens=3.5), "n_prompts": 4, "n_pairs": 4},
+    "baseline_constant": with_ci(task_accuracy=0.2, acc_arithmetic=0.25),
+    "baseline_random": with_ci(task_accuracy=0.15),
+    "comparisons": {
+        "sft_vs_base": {**delta("task_accuracy", 0.25, 0.0312, True), **delta("perplexity", -15.0, 0.002, True)},
+        "final_vs_sft": {**delta("task_accuracy", 0.25, 0.5, False), **delta("perplexity", 1.0, 0.0004, True)},
+        "final_vs_base": {**delta("task_accuracy", 0.5, 0.0002, True), **delta("perplexity", -14.0, 0.002, True),
+                          **delta("repeat_rate", -0.5, 0.01, True)},
+    },
+    "headline": {"model": "final", "baseline": "constant", "delta": 0.55, "text":
+                 "final: 55.0 points above the best trivial baseline (constant, 20.0%; 95% CI +30.0 to +80.0 "
+                 "points, p<0.001)"},
+    "settings": {"confidence": 0.95, "alpha": 0.05, "bootstrap_resamples": 1000},
 }
 NASTY = "<script>alert('x')</script> | a & b"
 
@@ -42,9 +73,6 @@ GENERATIONS = [
     gen_row("final", 1, "answer 7", "wrong_answer", ["wrong_answer"]),
     gen_row("final", 2, "answer 2", "pass", [], "text"),
 ]
-PREFERENCES = [{"model": m, "id": f"p{i}", "family": "text", "rejected_kind": kind, "chosen_logp": -1.0,
-                "rejected_logp": -2.0, "margin": 1.0, "correct": ok}
-               for m in MODELS for i, (kind, ok) in enumerate([("rambling", True), ("no_stop", m != "base")])]
 
 
 def write_tsv(path: Path, name: str, values):
@@ -57,9 +85,10 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("metrics").mkdir()
     Path("metrics/eval.json").write_text(json.dumps(METRICS))
-    Path("data/eval").mkdir(parents=True)
-    Path("data/eval/generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENERATIONS))
-    Path("data/eval/preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREFERENCES))
+    for m in MODELS:
+        Path(f"data/eval/{m}").mkdir(parents=True)
+        Path(f"data/eval/{m}/generations.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in GENERATIONS if r["model"] == m))
     sft = Path("metrics/train_sft/plots/metrics")
     write_tsv(sft / "loss.tsv", "loss", [2.0, 1.5, 1.2, 1.0])
     write_tsv(sft / "eval/loss.tsv", "loss", [1.8, 1.3])
@@ -68,6 +97,7 @@ def project(tmp_path, monkeypatch):
     write_tsv(dpo / "rewards/margins.tsv", "margins", [0.0, 0.3, 0.8])
     write_tsv(dpo / "eval/rewards/accuracies.tsv", "accuracies", [0.5, "nan", 0.9])
     Path("metrics/train_sft.json").write_text(json.dumps({"train_loss": 1.0, "eval": {"loss": 1.3}}))
+    Path("metrics/train_dpo.json").write_text(json.dumps({"train_loss": 0.5, "eval_rewards_accuracies": 0.8125}))
     Path("data/raw").mkdir(parents=True)
     Path("data/raw/manifest.json").write_text(json.dumps({"files": {"sft_test.jsonl": {"rows": 3, "sha256": "ab" * 32}},
                                                          "model": {"sha256": "cd" * 32}}))
@@ -95,18 +125,123 @@ def test_report_writes_markdown_html_and_figures(project):
     assert not list(Path(".").glob(".tmp-reports-*"))
 
 
-def test_metrics_table_has_values_and_deltas(project):
+def md_row(md: str, start: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(start))
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_headline_comes_first(project):
     run_report()
     md = Path("reports/report.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| task_accuracy"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["task_accuracy ↑", "0.2500", "0.5000", "0.7500", "+0.2500", "+0.5000"]
-    ppl = next(line for line in md.splitlines() if line.startswith("| perplexity"))
-    assert "↓" in ppl and "-15.0000" in ppl and "-14.0000" in ppl
+    # markdown escapes "<" (GitHub renders &lt; as "<")
+    assert md.splitlines()[2] == ("**final: 55.0 points above the best trivial baseline (constant, 20.0%; "
+                                  "95% CI +30.0 to +80.0 points, p&lt;0.001)**")
     html = Path("reports/report.html").read_text()
-    # a drop in perplexity is an improvement (green), a rise in it would be red
-    assert re.search(r'class="num better">-15\.0000<', html)
-    assert re.search(r'class="num better">\+0\.5000<', html)
+    assert html.index("55.0 points above the best trivial baseline") < html.index("<h2>Metrics")
+
+
+def test_metrics_table_has_intervals_baselines_and_tested_deltas(project):
+    run_report()
+    md = Path("reports/report.md").read_text()
+    assert md_row(md, "| metric") == ["metric", "base", "sft", "final", "baseline: constant", "baseline: random",
+                                      "Δ sft vs base", "Δ final vs sft", "Δ final vs base"]
+    assert md_row(md, "| task_accuracy") == [
+        "task_accuracy ↑", "25.0% [15.0, 35.0]", "50.0% [40.0, 60.0]", "75.0% [65.0, 85.0]", "20.0% [10.0, 30.0]",
+        "15.0% [5.0, 25.0]", "+25.0 pts (p=0.03) *", "+25.0 pts (p=0.50, n.s.)", "+50.0 pts (p&lt;0.001) *"]
+    ppl = md_row(md, "| perplexity")
+    assert ppl[0] == "perplexity ↓" and ppl[1] == "20.00 [19.90, 20.10]" and ppl[4:6] == ["–", "–"]
+    assert ppl[6:] == ["-15.00 (p=0.002) *", "+1.000 (p&lt;0.001) *", "-14.00 (p=0.002) *"]
+    assert md_row(md, "| rougeL")[1:4] == ["0.300 [0.200, 0.400]", "0.600 [0.500, 0.700]", "0.700 [0.600, 0.800]"]
+    assert md_row(md, "| acc_arithmetic")[4] == "25.0% [15.0, 35.0]"  # the baseline per family too
+    assert "α = 0.05" in md and "exact McNemar" in md
+    assert not any(line.startswith("| pref_acc_rambling") for line in md.splitlines())  # its own section
+
+
+def test_html_colours_only_significant_differences(project):
+    run_report()
+    html = Path("reports/report.html").read_text()
+    # a significant drop in perplexity is an improvement (green), a significant rise is red
+    assert re.search(r'class="num better" title="95% CI -15\.05 to -14\.95">-15\.00 \(p=0\.002\) \*<', html)
+    assert re.search(r'class="num worse"[^>]*>\+1\.000 \(p&lt;0\.001\) \*<', html)
+    assert re.search(r'class="num ns"[^>]*>\+25\.0 pts \(p=0\.50, n\.s\.\)<', html)
+    assert re.search(r'class="num better"[^>]*>-50\.0 pts \(p=0\.01\) \*<', html)  # repeat rate down
+
+
+def test_preference_section_leads_with_per_token_accuracy(project):
+    run_report()
+    md = Path("reports/report.md").read_text()
+    section = md.split("## Preference accuracy (test pairs)")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| measure | base | sft | final |" and rows[1].startswith("| per token (length-normalised)")
+    assert md_row(section, "| per token") == ["per token (length-normalised) ↑", "25.0% [15.0, 35.0]",
+                                              "50.0% [40.0, 60.0]", "62.5% [52.5, 72.5]"]
+    assert md_row(section, "| summed log-prob")[3] == "100.0% [90.0, 110.0]"
+    assert md_row(section, "| DPO reward accuracy") == ["DPO reward accuracy (train-dpo, validation pairs)",
+                                                        "–", "–", "81.2%"]
+    assert md_row(section, "| rambling") == ["rambling", "0.0% [-10.0, 10.0]", "100.0% [90.0, 110.0]",
+                                             "50.0% [40.0, 60.0]", "100.0% [90.0, 110.0]",
+                                             "50.0% [40.0, 60.0]", "100.0% [90.0, 110.0]"]
+    html = Path("reports/report.html").read_text()
+    assert "<h2>Preference accuracy (test pairs)</h2>" in html and "81.2%" in html
+
+
+FORGETTING = {  # the layout stages/forgetting.py writes
+    "models": ["base", "final"],
+    "base": {"arc_easy_acc": 0.6, "arc_easy_acc_ci_low": 0.55, "arc_easy_acc_ci_high": 0.65, "arc_easy_n": 400},
+    "final": {"arc_easy_acc": 0.52, "arc_easy_acc_ci_low": 0.47, "arc_easy_acc_ci_high": 0.57, "arc_easy_n": 400},
+    "comparisons": {"final_vs_base": {"arc_easy_delta": -0.08, "arc_easy_p_value": 0.0021, "arc_easy_lost": 50,
+                                      "arc_easy_gained": 18, "arc_easy_regression": True, "any_regression": True}},
+    "settings": {"dtype": "float32", "limit": 400, "num_fewshot": 0, "alpha": 0.05, "confidence": 0.95,
+                 "tasks": ["arc_easy"]},
+}
+
+
+def forgetting_section(md: str) -> str:
+    return md.split("## General ability (forgetting guard)")[1].split("\n## ")[0]
+
+
+def test_forgetting_guard_with_a_regression_warning(project):
+    Path("metrics/forgetting.json").write_text(json.dumps(FORGETTING))
+    run_report()
+    section = forgetting_section(Path("reports/report.md").read_text())
+    assert "⚠️ **Forgetting: final is significantly worse than base" in section
+    assert "tasks arc_easy" in section and "limit 400" in section
+    assert md_row(section, "| metric") == ["metric", "base", "final", "Δ final vs base"]
+    assert md_row(section, "| arc_easy_acc") == ["arc_easy_acc", "60.0% [55.0, 65.0]", "52.0% [47.0, 57.0]",
+                                                 "⚠️ -8.0 pts (p=0.002) *; 50 lost, 18 gained"]
+    html = Path("reports/report.html").read_text()
+    assert "<h2>General ability (forgetting guard)</h2><p class='warning'>" in html
+    assert re.search(r'class="num worse"[^>]*>⚠️ -8\.0 pts \(p=0\.002\) \*; 50 lost, 18 gained<', html)
+
+
+def test_forgetting_guard_without_regression(project):
+    data = json.loads(json.dumps(FORGETTING))
+    data["final"]["arc_easy_acc"] = 0.59
+    data["comparisons"]["final_vs_base"].update(arc_easy_delta=-0.01, arc_easy_p_value=0.81, arc_easy_lost=9,
+                                                arc_easy_gained=5, arc_easy_regression=False, any_regression=False)
+    Path("metrics/forgetting.json").write_text(json.dumps(data))
+    run_report()
+    section = forgetting_section(Path("reports/report.md").read_text())
+    assert "Forgetting:" not in section and "⚠️" not in section
+    assert md_row(section, "| arc_easy_acc")[3] == "-1.0 pts (p=0.81, n.s.); 9 lost, 5 gained"
+
+
+def test_forgetting_guard_reads_unknown_flat_keys(project):
+    Path("metrics/forgetting.json").write_text(json.dumps({
+        "base": {"score": 0.5}, "final": {"score": 0.49},
+        "final_vs_base": {"delta": -0.01, "p_value": 0.8, "significant": False, "regression": False}}))
+    run_report()
+    section = forgetting_section(Path("reports/report.md").read_text())
+    assert "Forgetting:" not in section
+    assert md_row(section, "| score") == ["score", "0.500", "0.490", "-0.010 (p=0.80, n.s.)"]
+
+
+def test_no_forgetting_file_no_section_and_a_broken_one_is_not_fatal(project):
+    run_report()
+    assert "General ability" not in Path("reports/report.md").read_text()
+    Path("metrics/forgetting.json").write_text("{not json")
+    run_report()
+    assert "General ability" not in Path("reports/report.md").read_text()
 
 
 def test_html_is_standalone_and_escaped(project):
@@ -147,7 +282,6 @@ def test_samples_side_by_side_and_error_analysis(project):
     # one example each, taken from the final model where it has one
     assert "**wrong answer** (final, t1)" in errors
     assert "**repetitive** (base, t2)" in errors
-    assert "| no_stop | 0/1 (0%) | 1/1 (100%) | 1/1 (100%) |" in errors
 
 
 def test_missing_training_curves_are_reported_not_fatal(project):
@@ -164,16 +298,28 @@ def test_missing_eval_metrics_is_a_clear_error(project):
     from tunepipe.cli import StageError
 
     Path("metrics/eval.json").unlink()
-    with pytest.raises(StageError, match="metrics/eval.json is missing"):
+    with pytest.raises(StageError, match=r"metrics/eval.json is missing; run the evaluate and compare stages"):
         run_report()
 
 
 def test_subset_of_models(project):
-    Path("metrics/eval.json").write_text(json.dumps({"final": METRICS["final"], "base": METRICS["base"]}))
+    import shutil
+
+    shutil.rmtree("data/eval/sft")
+    subset = {k: v for k, v in METRICS.items() if k != "sft"}
+    subset.update(models=["base", "final"], comparisons={"final_vs_base": METRICS["comparisons"]["final_vs_base"]})
+    Path("metrics/eval.json").write_text(json.dumps(subset))
     run_report()
     md = Path("reports/report.md").read_text()
     assert "Models: base, final." in md
-    assert "Δ final vs base" in md and "Δ sft" not in md
+    assert "Δ final vs base" in md and "Δ sft" not in md and "Δ final vs sft" not in md
+
+
+def test_generations_missing_for_a_model_are_noted(project):
+    Path("data/eval/sft/generations.jsonl").unlink()
+    run_report()
+    md = Path("reports/report.md").read_text()
+    assert "_Not found: data/eval/sft/generations.jsonl (samples and error analysis of sft)_" in md
 
 
 def test_read_curves_skips_non_numeric_points(tmp_path):

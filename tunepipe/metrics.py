@@ -3,6 +3,8 @@
 Text metrics (no model):
     rouge(preds, refs)            -> ({"rouge1", "rouge2", "rougeL", "rougeLsum"}, per-item scores)
     bleu(preds, refs)             -> corpus BLEU in [0, 1]
+    bleu_item_stats(preds, refs)  -> per-item n-gram counts; bleu_from_stats(their sum) == bleu(...),
+                                     so a bootstrap can resample items without re-tokenizing
     health(generations, n)        -> mean length, EOS / repeat / truncation rates
     failure_kinds(verdict, gen, ref, n) -> e.g. ["wrong_answer", "no_stop"]
     task_accuracy(metas, results) -> overall and per-family accuracy from tasks.check
@@ -12,6 +14,7 @@ Model scores (torch imported on use):
     completion_set_logprobs(model, tok, prompts, [[chosen, rejected], ...]) -> the same, per pair
     perplexity(scores)            -> exp(mean token NLL) over completion tokens only
     preference(chosen, rejected)  -> share of pairs preferring chosen, mean margin
+    prefers_per_token(c_logp, c_n, r_logp, r_n) -> the same verdict on mean log-prob per token
 
 All rates and scores are in [0, 1] (BLEU too, not sacreBLEU's 0-100).
 """
@@ -83,6 +86,50 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not any(hyps):
         return 0.0
     return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method3))
+
+
+# Columns of bleu_item_stats: matched n-grams (orders 1-4), hypothesis n-grams (orders 1-4,
+# at least 1 each, as NLTK counts them), hypothesis length, reference length.
+BLEU_STATS = 10
+
+
+def bleu_item_stats(predictions: Sequence[str], references: Sequence[str]) -> list[list[int]]:
+    """The counts corpus BLEU sums over items, one row per item (see BLEU_STATS).
+
+    Corpus BLEU is a function of these sums only, so the BLEU of any resample of
+    the items is ``bleu_from_stats`` of its rows' sum: cheap enough to bootstrap.
+    """
+    from nltk.translate.bleu_score import modified_precision
+
+    _same_length(predictions, references)
+    rows = []
+    for pred, ref in zip(predictions, references):
+        hyp, refw = words(pred), words(ref)
+        # Fractions built unnormalised, as corpus_bleu sums them: numerator and denominator as counted
+        precisions = [modified_precision([refw], hyp, n) for n in range(1, 5)]
+        rows.append([p.numerator for p in precisions] + [p.denominator for p in precisions] + [len(hyp), len(refw)])
+    return rows
+
+
+def bleu_from_stats(totals):
+    """Corpus BLEU-4 with method3 smoothing (as ``bleu``) from summed ``bleu_item_stats``.
+
+    ``totals``: shape (BLEU_STATS,) or (k, BLEU_STATS) for k resamples at once; returns a
+    float or an array of k. Mirrors NLTK's corpus_bleu: 0 without a unigram match or
+    without any hypothesis word; an order with no match counts as 1 / (2^k * its count).
+    """
+    import numpy as np
+
+    t = np.atleast_2d(np.asarray(totals, dtype=float))
+    matches, counts, hyp_len, ref_len = t[:, 0:4], t[:, 4:8], t[:, 8], t[:, 9]
+    zero = matches == 0
+    nth_zero = np.cumsum(zero, axis=1)  # k of the k-th order without a match
+    precision = np.where(zero, 1.0 / (2.0 ** nth_zero * counts), matches / counts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        brevity = np.where(hyp_len > ref_len, 1.0, np.exp(1 - ref_len / np.maximum(hyp_len, 1)))
+        score = brevity * np.exp(np.log(precision).mean(axis=1))
+    score = np.where((matches[:, 0] == 0) | (hyp_len == 0), 0.0, score)
+    return float(score[0]) if np.ndim(totals) == 1 else score
 
 
 # --------------------------------------------------------------------------- generation health
@@ -310,6 +357,15 @@ def preference(chosen: Sequence[tuple[float, int]], rejected: Sequence[tuple[flo
     margins = [c - r for (c, _), (r, _) in zip(chosen, rejected)]
     return {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
             "pref_margin": sum(margins) / len(margins)}
+
+
+def prefers_per_token(chosen_logp: float, chosen_tokens: int, rejected_logp: float, rejected_tokens: int) -> bool:
+    """Length-normalised preference: the chosen answer has the higher mean log-prob per token.
+
+    The summed log-prob favours whichever answer is shorter (every token costs), so a
+    rambling or looping rejected answer loses by its length alone; per token it does not.
+    """
+    return chosen_logp / max(chosen_tokens, 1) > rejected_logp / max(rejected_tokens, 1)
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:

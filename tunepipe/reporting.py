@@ -1,11 +1,14 @@
-"""The run report: metrics with deltas, training curves, samples, error analysis, provenance.
+"""The run report: metrics with intervals, baselines and tested deltas, curves, samples, error analysis, provenance.
 
 Everything here is pure data -> text or PNG; stages/report.py reads the files and
-writes reports/ atomically.
+writes reports/ atomically. ``metrics`` is the compare stage's metrics/eval.json:
+per model ``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``; ``baseline_<name>``;
+``comparisons`` (``<a>_vs_<b>``: ``<metric>_delta``, ``_p_value``, ``_significant``); ``headline``.
 
     curves = read_curves("metrics/train_sft/plots")           # {"loss": [(step, v)], "eval/loss": ...}
-    figures = training_figures(sft_curves, dpo_curves, out_dir) + [skill_figure(metrics, out_dir)]
-    rows = metric_rows(metrics)                               # table with deltas vs the first model
+    figures = training_figures(sft_curves, dpo_curves) + [skill_figure(metrics, models)]
+    rows = metric_rows(metrics, models)                       # values with intervals, baselines, deltas
+    fmt_delta("task_accuracy", delta)                         # "+21.9 pts (p<0.001) *"
     md, page = render_markdown(report), render_html(report)
 """
 
@@ -25,9 +28,19 @@ from tunepipe.metrics import FAILURE_KINDS
 # Metrics where a smaller value is the better one; every other metric: larger is better.
 LOWER_IS_BETTER = {"perplexity", "nll", "repeat_rate", "truncated_rate"}
 # Neither better nor worse when they change.
-NEUTRAL = {"mean_new_tokens", "n_prompts", "n_pairs"}
+NEUTRAL = {"mean_new_tokens", "n_prompts", "n_pairs", "n_checked"}
+COUNTS = ("n_prompts", "n_checked", "n_pairs")
 METRIC_ORDER = ("task_accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "perplexity", "nll",
-                "pref_accuracy", "pref_margin", "eos_rate", "repeat_rate", "truncated_rate", "mean_new_tokens")
+                "pref_accuracy_norm", "pref_accuracy", "pref_margin", "eos_rate", "repeat_rate", "truncated_rate",
+                "mean_new_tokens")
+# Proportions, shown in percent (deltas in percentage points).
+PERCENT = {"task_accuracy", "pref_accuracy", "pref_accuracy_norm", "eos_rate", "repeat_rate", "truncated_rate"}
+PERCENT_PREFIXES = ("acc_", "pref_acc_")
+CI = ("_ci_low", "_ci_high")
+NOT_MODELS = {"models", "comparisons", "headline", "settings"}
+PREF_NOTE = ("Per token (length-normalised) first: it compares the mean log-prob per token of the chosen and "
+             "the rejected answer. The summed log-prob prefers the shorter answer whatever it says, so a "
+             "rambling or looping rejected answer loses by its length alone.")
 PARAMS_HEADING = "Params (params.yaml as validated, defaults filled in)"
 FAILURE_LABELS = {"wrong_answer": "wrong answer", "constraint_broken": "constraint broken",
                   "too_long": "too long", "repetitive": "repetitive", "no_stop": "no stop"}
@@ -48,36 +61,86 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     missing_curves: list[str] = field(default_factory=list)
     generations: list[dict] = field(default_factory=list)
-    preferences: list[dict] = field(default_factory=list)
     n_samples: int = 8
     training: dict = field(default_factory=dict)   # {"sft": metrics/train_sft.json, "dpo": ...}
     params_text: str = ""
     manifest: Optional[dict] = None
+    forgetting: Optional[dict] = None              # metrics/forgetting.json, when the forgetting stage ran
 
 
 # --------------------------------------------------------------------------- tables
 
 
+def eval_models(metrics: dict) -> list[str]:
+    """The models of metrics/eval.json, in the compare stage's order."""
+    listed = metrics.get("models")
+    if isinstance(listed, list):
+        return [m for m in listed if isinstance(metrics.get(m), dict)]
+    return [k for k, v in metrics.items() if isinstance(v, dict) and k not in NOT_MODELS
+            and not k.startswith("baseline_")]
+
+
+def baseline_names(metrics: dict) -> list[str]:
+    return sorted(k[len("baseline_"):] for k, v in metrics.items() if k.startswith("baseline_") and isinstance(v, dict))
+
+
+def comparison_names(metrics: dict, models: list[str]) -> list[tuple[str, str, str]]:
+    """(name, a, b) of each comparison "<a>_vs_<b>": each model against the one before it, then the rest."""
+    found = []
+    for name in (metrics.get("comparisons") or {}):
+        a, _, b = name.partition("_vs_")
+        if a in models and b in models:
+            found.append((name, a, b))
+    order = {m: i for i, m in enumerate(models)}
+    return sorted(found, key=lambda c: (order[c[1]] - order[c[2]] != 1, order[c[1]], order[c[2]]))
+
+
+def estimate(values: dict, metric: str) -> Optional[tuple]:
+    """(value, ci_low, ci_high) of one metric in one model's (or baseline's) dict; None if absent."""
+    v = values.get(metric)
+    if not _num(v):
+        return None
+    return v, values.get(metric + CI[0]), values.get(metric + CI[1])
+
+
+def paired_delta(comparison: dict, metric: str) -> Optional[dict]:
+    d = comparison.get(f"{metric}_delta")
+    if not _num(d):
+        return None
+    return {"delta": d, "low": comparison.get(f"{metric}_delta_ci_low"),
+            "high": comparison.get(f"{metric}_delta_ci_high"), "p": comparison.get(f"{metric}_p_value"),
+            "significant": bool(comparison.get(f"{metric}_significant"))}
+
+
+def table_metrics(metrics: dict, models: list[str]) -> list[str]:
+    """The main table's metrics: headline ones in METRIC_ORDER, then per-family accuracies, then the
+    rest; not intervals, counts or per-rejected-kind preference accuracies (their own section)."""
+    keys = {k for m in models for k, v in metrics.get(m, {}).items()
+            if _num(v) and not k.endswith(CI) and not k.startswith("pref_acc_") and k not in COUNTS}
+    names = [m for m in METRIC_ORDER if m in keys]
+    return names + sorted(keys - set(names), key=lambda m: (not m.startswith("acc_"), m))
+
+
 def metric_rows(metrics: dict, models: list[str]) -> list[dict]:
-    """One row per metric: values per model, and deltas against the first model."""
-    names = [m for m in METRIC_ORDER if any(m in metrics.get(k, {}) for k in models)]
-    names += sorted({m for k in models for m in metrics.get(k, {})} - set(names) - NEUTRAL,
-                    key=lambda m: (not m.startswith("acc_"), m))
-    names += [m for m in ("mean_new_tokens", "n_prompts", "n_pairs") if m not in names
-              and any(m in metrics.get(k, {}) for k in models)]
+    """One row per metric: each model's and baseline's (value, low, high), and each comparison's delta."""
+    comparisons = comparison_names(metrics, models)
     rows = []
-    for name in names:
-        values = {k: metrics.get(k, {}).get(name) for k in models}
-        first = values[models[0]]
-        deltas = {k: (v - first if _num(v) and _num(first) else None) for k, v in values.items()
-                  if k != models[0]}
-        rows.append({"metric": name, "values": values, "deltas": deltas, "direction": direction(name)})
+    for name in table_metrics(metrics, models):
+        rows.append({
+            "metric": name, "direction": direction(name),
+            "values": {m: estimate(metrics.get(m, {}), name) for m in models},
+            "baselines": {b: estimate(metrics[f"baseline_{b}"], name) for b in baseline_names(metrics)},
+            "deltas": {c: paired_delta(metrics["comparisons"][c], name) for c, _, _ in comparisons}})
     return rows
 
 
 def direction(metric: str) -> int:
     """+1: higher is better, -1: lower is better, 0: neither."""
     return 0 if metric in NEUTRAL else -1 if metric in LOWER_IS_BETTER else 1
+
+
+def is_percent(metric: str) -> bool:
+    return metric in PERCENT or metric.startswith(PERCENT_PREFIXES) or metric.endswith(("accuracy", "_acc", "_rate"))
 
 
 def _num(v) -> bool:
@@ -92,6 +155,174 @@ def fmt(v, signed: bool = False) -> str:
     if isinstance(v, int):
         return f"{v:+d}" if signed else str(v)
     return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def _number(metric: str, v: float, signed: bool = False) -> str:
+    """A value in the metric's unit: percent for proportions, 3-4 significant digits otherwise."""
+    sign = "+" if signed else ""
+    if is_percent(metric):
+        return f"{v * 100:{sign}.1f}"
+    digits = 1 if abs(v) >= 100 else 2 if abs(v) >= 10 else 3
+    return f"{v:{sign}.{digits}f}"
+
+
+def fmt_estimate(metric: str, est: Optional[tuple]) -> str:
+    """"38.5% [29.4, 48.5]" or "0.460 [0.412, 0.507]"; "–" when absent."""
+    if est is None:
+        return "–"
+    v, low, high = est
+    unit = "%" if is_percent(metric) else ""
+    if not (_num(low) and _num(high)):
+        return f"{_number(metric, v)}{unit}"
+    return f"{_number(metric, v)}{unit} [{_number(metric, low)}, {_number(metric, high)}]"
+
+
+def format_p(p) -> str:
+    if not _num(p):
+        return "p=?"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
+
+
+def fmt_delta(metric: str, d: Optional[dict]) -> str:
+    """"+21.9 pts (p<0.001) *" when significant, "+1.0 pts (p=0.82, n.s.)" when not."""
+    if d is None:
+        return "–"
+    unit = " pts" if is_percent(metric) else ""
+    change = f"{_number(metric, d['delta'], signed=True)}{unit}"
+    return f"{change} ({format_p(d['p'])}) *" if d["significant"] else f"{change} ({format_p(d['p'])}, n.s.)"
+
+
+def delta_interval(metric: str, d: Optional[dict], confidence: float) -> str:
+    """The delta's interval, for a tooltip: "95% CI +10.4 to +33.3 pts"."""
+    if d is None or not (_num(d["low"]) and _num(d["high"])):
+        return ""
+    unit = " pts" if is_percent(metric) else ""
+    return (f"{confidence:.0%} CI {_number(metric, d['low'], signed=True)} to "
+            f"{_number(metric, d['high'], signed=True)}{unit}")
+
+
+def settings(metrics: dict) -> dict:
+    got = metrics.get("settings") or {}
+    return {"confidence": got.get("confidence", 0.95), "alpha": got.get("alpha", 0.05),
+            "bootstrap_resamples": got.get("bootstrap_resamples")}
+
+
+def headline(metrics: dict) -> str:
+    h = metrics.get("headline") or {}
+    if h.get("text"):
+        return h["text"]
+    return "No task accuracy to set against trivial baselines (the test items have no checker)."
+
+
+def metrics_note(metrics: dict) -> str:
+    s = settings(metrics)
+    resamples = f" ({s['bootstrap_resamples']} resamples)" if s["bootstrap_resamples"] else ""
+    return (f"Each value: estimate [{s['confidence']:.0%} interval] (Wilson for proportions, a bootstrap over "
+            f"items{resamples} otherwise); ↑ higher is better, ↓ lower is better. Δ: paired difference on the "
+            f"same items, * significant at α = {s['alpha']} (exact McNemar test for proportions, paired bootstrap "
+            "otherwise), n.s. not significant. Baselines answer without reading the question: constant gives "
+            "the answer most often right for each answer type in training, random is the expected accuracy of "
+            "a uniform guess among the offered options (0 for open answers).")
+
+
+def preference_rows(r: "Report") -> list[tuple[str, list[str]]]:
+    """(label, cell per model) for the preference table: per token first, and DPO's own reward accuracy."""
+    rows = []
+    for metric, label in (("pref_accuracy_norm", "per token (length-normalised) ↑"),
+                          ("pref_accuracy", "summed log-prob ↑"),
+                          ("pref_margin", "mean margin (summed log-prob) ↑")):
+        if any(metric in r.metrics.get(m, {}) for m in r.models):
+            rows.append((label, [fmt_estimate(metric, estimate(r.metrics.get(m, {}), metric)) for m in r.models]))
+    if "final" in r.models:
+        dpo = (r.training.get("dpo") or {}).get("eval_rewards_accuracies")
+        cell = f"{dpo:.1%}" if _num(dpo) else "– (metrics/train_dpo.json not found)"
+        rows.append(("DPO reward accuracy (train-dpo, validation pairs)",
+                     [cell if m == "final" else "–" for m in r.models]))
+    return rows
+
+
+def rejected_kinds(metrics: dict, models: list[str]) -> list[str]:
+    return sorted({k[len("pref_acc_"):] for m in models for k in metrics.get(m, {})
+                   if k.startswith("pref_acc_") and not k.startswith("pref_acc_norm_") and not k.endswith(CI)})
+
+
+def preference_kind_rows(metrics: dict, models: list[str]) -> list[list[str]]:
+    """Per rejected kind: per-token then summed accuracy of each model."""
+    return [[kind, *[fmt_estimate(f"pref_acc{sfx}_{kind}", estimate(metrics.get(m, {}), f"pref_acc{sfx}_{kind}"))
+                     for m in models for sfx in ("_norm", "")]]
+            for kind in rejected_kinds(metrics, models)]
+
+
+# --------------------------------------------------------------------------- forgetting guard
+
+
+def forgetting_table(data: dict) -> dict:
+    """metrics/forgetting.json for the report: the models ("models", else every dict without "_vs_"),
+    their metrics with intervals, each comparison's delta and test ("comparisons", else top-level
+    "<a>_vs_<b>" dicts), notes (settings, scalars) and whether any comparison flags a regression.
+    Read defensively: keys it does not know are shown as they are or left out, never an error."""
+    listed = data.get("models")
+    models = [m for m in listed if isinstance(data.get(m), dict)] if isinstance(listed, list) else \
+        [k for k, v in data.items() if isinstance(v, dict) and "_vs_" not in k and k not in NOT_MODELS]
+    comparisons = data.get("comparisons") if isinstance(data.get("comparisons"), dict) else \
+        {k: v for k, v in data.items() if isinstance(v, dict) and "_vs_" in k}
+    comparisons = {k: v for k, v in comparisons.items() if isinstance(v, dict)}
+    alpha = (data.get("settings") or {}).get("alpha", 0.05) if isinstance(data.get("settings"), dict) else 0.05
+    names = sorted({k for m in models for k, v in data[m].items()
+                    if _num(v) and not k.endswith(CI) and not k.endswith("_n")})
+    rows = [{"metric": name, "values": {m: estimate(data[m], name) for m in models},
+             "deltas": {c: _forgetting_delta(v, name, alpha) for c, v in comparisons.items()}} for name in names]
+    flagged = [c for c, v in comparisons.items() if _flags_regression(v)]
+    if not flagged and _flags_regression(data):
+        flagged = list(comparisons) or ["final_vs_base"]
+    return {"models": models, "comparisons": list(comparisons), "rows": rows, "notes": _forgetting_notes(data),
+            "regression": forgetting_warning(flagged)}
+
+
+def forgetting_warning(flagged: list[str]) -> str:
+    """"Forgetting: final is significantly worse than base on the general benchmark." ("" when none)."""
+    said = [" is significantly worse than ".join(c.split("_vs_", 1)) for c in flagged]
+    return f"Forgetting: {'; '.join(said)} on the general benchmark." if said else ""
+
+
+def _forgetting_delta(comparison: dict, metric: str, alpha: float) -> Optional[dict]:
+    """The delta of ``metric`` ("<task>_acc": keys "<task>_delta", "<task>_p_value", ...; a one-metric
+    file: unprefixed "delta", "p_value"), significant when flagged so or when p < alpha."""
+    stems = [metric] + ([metric[:-len("_acc")]] if metric.endswith("_acc") else [])
+    one_metric = not any(k.endswith("_delta") for k in comparison)  # then unprefixed keys are its delta
+    for prefix in [f"{stem}_" for stem in stems] + ([""] if one_metric else []):
+        d = comparison.get(f"{prefix}delta")
+        if not _num(d):
+            continue
+        p = comparison.get(f"{prefix}p_value")
+        flagged = comparison.get(f"{prefix}significant")
+        return {"delta": d, "low": comparison.get(f"{prefix}delta_ci_low"),
+                "high": comparison.get(f"{prefix}delta_ci_high"), "p": p,
+                "significant": flagged if isinstance(flagged, bool) else _num(p) and p < alpha,
+                "regression": comparison.get(f"{prefix}regression") is True,
+                "lost": comparison.get(f"{prefix}lost"), "gained": comparison.get(f"{prefix}gained")}
+    return None
+
+
+def fmt_forgetting_delta(metric: str, d: Optional[dict]) -> str:
+    """fmt_delta, with the items lost and gained when the file has them, and a mark on a regression."""
+    if d is None:
+        return "–"
+    text = ("⚠️ " if d["regression"] else "") + fmt_delta(metric, d)
+    if isinstance(d["lost"], int) and isinstance(d["gained"], int):
+        text += f"; {d['lost']} lost, {d['gained']} gained"
+    return text
+
+
+def _forgetting_notes(data: dict) -> list[tuple[str, str]]:
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, (dict, list))]
+    settings_ = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    scalars += [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in settings_.items()]
+    return [(str(k), str(v)) for k, v in scalars]
+
+
+def _flags_regression(d: dict) -> bool:
+    return any("regress" in k.lower() and v is True for k, v in d.items())
 
 
 def samples(generations: list[dict], models: list[str], n: int) -> list[dict]:
@@ -133,17 +364,6 @@ def failure_examples(generations: list[dict], models: list[str]) -> dict[str, di
             for kind in row.get("failures", []):
                 examples.setdefault(kind, row)
     return examples
-
-
-def preference_by_kind(preferences: list[dict], models: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
-    """{rejected_kind: {model: (correct, total)}}."""
-    out: dict[str, dict[str, list[int]]] = {}
-    for row in preferences:
-        kind = row.get("rejected_kind") or "unknown"
-        cell = out.setdefault(kind, {m: [0, 0] for m in models}).setdefault(row["model"], [0, 0])
-        cell[0] += bool(row.get("correct"))
-        cell[1] += 1
-    return {k: {m: tuple(v) for m, v in cells.items()} for k, cells in sorted(out.items())}
 
 
 def flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -238,8 +458,9 @@ def training_figures(sft: dict, dpo: dict) -> list[Figure]:
 
 
 def skill_figure(metrics: dict, models: list[str]) -> Optional[Figure]:
-    """Grouped bars: accuracy per skill family (and overall) for each model."""
-    families = sorted({k[4:] for m in models for k in metrics.get(m, {}) if k.startswith("acc_")})
+    """Grouped bars with their intervals: accuracy per skill family (and overall) for each model."""
+    families = sorted({k[4:] for m in models for k, v in metrics.get(m, {}).items()
+                       if k.startswith("acc_") and not k.endswith(CI) and _num(v)})
     if not families:
         return None
     import matplotlib
@@ -248,20 +469,24 @@ def skill_figure(metrics: dict, models: list[str]) -> Optional[Figure]:
     import matplotlib.pyplot as plt
 
     groups = families + ["overall"]
+    keys = [f"acc_{f}" for f in families] + ["task_accuracy"]
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 3.8))
     for i, model in enumerate(models):
         got = metrics.get(model, {})
-        values = [got.get(f"acc_{f}") or 0.0 for f in families] + [got.get("task_accuracy") or 0.0]
+        values = [got.get(k) or 0.0 for k in keys]
+        # interval as error bars: how far apart two bars must be before the gap means anything
+        errors = [[max(v - (got.get(k + CI[0]) if _num(got.get(k + CI[0])) else v), 0) for k, v in zip(keys, values)],
+                  [max((got.get(k + CI[1]) if _num(got.get(k + CI[1])) else v) - v, 0) for k, v in zip(keys, values)]]
         xs = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=model)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        # no value labels: they would collide with the error bars, and the metrics table has the numbers
+        ax.bar(xs, values, width, label=model, yerr=errors, capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.25)  # headroom for the legend above bars at 1.0
     ax.set_ylabel("task accuracy")
     ax.legend(ncols=len(models), loc="upper left", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Accuracy per skill family (test split)")
+    ax.set_title("Accuracy per skill family (test split), with intervals")
     return Figure("skill_accuracy.png", "Accuracy per skill family", _png(fig))
 
 
@@ -312,17 +537,64 @@ def _verdict(row: Optional[dict]) -> str:
     return mark + shown(row["output"])
 
 
+def _metric_label(row: dict) -> str:
+    return row["metric"] + {1: " ↑", -1: " ↓", 0: ""}[row["direction"]]
+
+
+def metrics_header(r: Report) -> list[str]:
+    comparisons = comparison_names(r.metrics, r.models)
+    return ["metric", *r.models, *[f"baseline: {b}" for b in baseline_names(r.metrics)],
+            *[f"Δ {a} vs {b}" for _, a, b in comparisons]]
+
+
 def metrics_section_md(r: Report) -> str:
-    others = r.models[1:]
-    header = ["metric", *r.models, *[f"Δ {m} vs {r.models[0]}" for m in others]]
-    rows = [[row["metric"] + {1: " ↑", -1: " ↓", 0: ""}[row["direction"]],
-             *[fmt(row["values"][m]) for m in r.models], *[fmt(row["deltas"].get(m), signed=True) for m in others]]
+    rows = [[_metric_label(row), *[fmt_estimate(row["metric"], row["values"][m]) for m in r.models],
+             *[fmt_estimate(row["metric"], v) for v in row["baselines"].values()],
+             *[fmt_delta(row["metric"], d) for d in row["deltas"].values()]]
             for row in metric_rows(r.metrics, r.models)]
-    return "## Metrics (test split)\n\n↑ higher is better, ↓ lower is better.\n\n" + _md_table(header, rows)
+    return ("## Metrics (test split)\n\n" + metrics_note(r.metrics) + "\n\n" + _md_table(metrics_header(r), rows)
+            + "\n\n" + counts_line(r))
+
+
+def counts_line(r: Report) -> str:
+    parts = [f"{m}: {', '.join(f'{r.metrics[m][c]} {c[2:]}' for c in COUNTS if c in r.metrics.get(m, {}))}"
+             for m in r.models]
+    return "Items: " + "; ".join(parts) + "."
+
+
+def preference_section_md(r: Report) -> str:
+    rows = preference_rows(r)
+    if not rows:
+        return ""
+    parts = ["## Preference accuracy (test pairs)", PREF_NOTE,
+             _md_table(["measure", *r.models], [[k, *v] for k, v in rows])]
+    kinds = preference_kind_rows(r.metrics, r.models)
+    if kinds:
+        parts += ["### By kind of rejected answer",
+                  _md_table(["rejected kind", *[f"{m} {w}" for m in r.models for w in ("per token", "summed")]], kinds)]
+    return "\n\n".join(parts)
+
+
+def forgetting_section_md(r: Report) -> str:
+    if not r.forgetting:
+        return ""
+    t = forgetting_table(r.forgetting)
+    parts = ["## General ability (forgetting guard)"]
+    if t["regression"]:
+        parts.append(f"> ⚠️ **{_md_cell(t['regression'])}**")
+    if t["notes"]:
+        parts.append("Benchmark: " + "; ".join(f"{k} {v}" for k, v in t["notes"]) + ".")
+    parts.append(_md_table(["metric", *t["models"], *[f"Δ {c.replace('_vs_', ' vs ')}" for c in t["comparisons"]]],
+                           [[row["metric"], *[fmt_estimate(row["metric"], row["values"][m]) for m in t["models"]],
+                             *[fmt_forgetting_delta(row["metric"], d) for d in row["deltas"].values()]]
+                            for row in t["rows"]]))
+    return "\n\n".join(parts)
 
 
 def render_markdown(r: Report) -> str:
-    parts = [f"# {html.escape(r.title, quote=False)}", f"Models: {', '.join(r.models)}.", metrics_section_md(r)]
+    parts = [f"# {html.escape(r.title, quote=False)}", f"**{_md_cell(headline(r.metrics))}**",
+             f"Models: {', '.join(r.models)}.", metrics_section_md(r)]
+    parts += [s for s in (preference_section_md(r), forgetting_section_md(r)) if s]
     parts.append("## Training curves and per-skill accuracy")
     parts += [f"![{f.title}](figures/{f.name})" for f in r.figures] or ["No figures: no curves or accuracies found."]
     parts += [f"_Not found: {m}_" for m in r.missing_curves]
@@ -333,17 +605,8 @@ def render_markdown(r: Report) -> str:
                                [[prompt_tail(s["prompt"]), s["reference"],
                                  *[_verdict(s["outputs"].get(m)) for m in r.models]] for s in picked]))
     parts.append(error_section_md(r))
-    if r.preferences:
-        parts.append("### Preference accuracy by kind of rejected answer")
-        parts.append(_md_table(["rejected kind", *r.models], [
-            [kind, *[_ratio(cells.get(m)) for m in r.models]]
-            for kind, cells in preference_by_kind(r.preferences, r.models).items()]))
     parts.append(provenance_md(r))
     return "\n\n".join(parts) + "\n"
-
-
-def _ratio(cell) -> str:
-    return "–" if not cell or not cell[1] else f"{cell[0]}/{cell[1]} ({cell[0] / cell[1]:.0%})"
 
 
 def error_section_md(r: Report) -> str:
@@ -380,7 +643,9 @@ h1{border-bottom:2px solid #dde;padding-bottom:.3em} h2{margin-top:2em;border-bo
 table{border-collapse:collapse;margin:1em 0;font-size:14px}
 th,td{border:1px solid #d6d9e0;padding:4px 8px;vertical-align:top;text-align:left}
 th{background:#f3f5f9} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.better{background:#e3f6e5;color:#11621f} td.worse{background:#fbe6e6;color:#8a1c1c}
+td.better{background:#e3f6e5;color:#11621f} td.worse{background:#fbe6e6;color:#8a1c1c} td.ns{color:#778}
+td.baseline{background:#f7f7f2} .headline{font-size:1.15em}
+.warning{background:#fff3cd;border:1px solid #e0b252;padding:.6em 1em;color:#6b4a00}
 pre,.text{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;
   font-size:12.5px}
 pre{background:#f6f8fa;padding:1em;overflow:auto} img{max-width:100%;border:1px solid #eee;margin:.5em 0}
@@ -409,22 +674,59 @@ def _text_td(text: Any, cls: str = "") -> str:
     return f'<td class="text {cls}">{_e(text)}</td>'
 
 
-def _delta_class(delta, sign: int) -> str:
-    if not _num(delta) or sign == 0 or abs(delta) < 1e-12:
+def _delta_class(d: Optional[dict], sign: int) -> str:
+    """Green or red only when the difference is significant; a n.s. change is greyed out."""
+    if d is None or sign == 0 or abs(d["delta"]) < 1e-12:
         return "num"
-    return "num better" if delta * sign > 0 else "num worse"
+    if not d["significant"]:
+        return "num ns"
+    return "num better" if d["delta"] * sign > 0 else "num worse"
+
+
+def _delta_td(metric: str, d: Optional[dict], sign: int, confidence: float, show=fmt_delta) -> str:
+    tip = delta_interval(metric, d, confidence)
+    title = f' title="{_e(tip)}"' if tip else ""
+    return f'<td class="{_delta_class(d, sign)}"{title}>{_e(show(metric, d))}</td>'
 
 
 def metrics_section_html(r: Report) -> str:
-    others = r.models[1:]
-    header = ["metric", *r.models, *[f"Δ {m} vs {r.models[0]}" for m in others]]
-    rows = [[_td(row["metric"] + {1: " ↑", -1: " ↓", 0: ""}[row["direction"]]),
-             *[_td(fmt(row["values"][m]), "num") for m in r.models],
-             *[_td(fmt(row["deltas"].get(m), signed=True), _delta_class(row["deltas"].get(m), row["direction"]))
-               for m in others]]
+    confidence = settings(r.metrics)["confidence"]
+    rows = [[_td(_metric_label(row)), *[_td(fmt_estimate(row["metric"], row["values"][m]), "num") for m in r.models],
+             *[_td(fmt_estimate(row["metric"], v), "num baseline") for v in row["baselines"].values()],
+             *[_delta_td(row["metric"], d, row["direction"], confidence) for d in row["deltas"].values()]]
             for row in metric_rows(r.metrics, r.models)]
-    return ("<h2>Metrics (test split)</h2><p class='muted'>↑ higher is better, ↓ lower is better; "
-            "green: better than " + _e(r.models[0]) + ", red: worse.</p>" + _html_table(header, rows))
+    return ("<h2>Metrics (test split)</h2><p class='muted'>" + _e(metrics_note(r.metrics))
+            + " Green / red: a significant improvement / decline; hover a Δ for its interval.</p>"
+            + _html_table(metrics_header(r), rows) + f"<p class='muted'>{_e(counts_line(r))}</p>")
+
+
+def preference_html(r: Report) -> str:
+    rows = preference_rows(r)
+    if not rows:
+        return ""
+    out = ("<h2>Preference accuracy (test pairs)</h2><p class='muted'>" + _e(PREF_NOTE) + "</p>"
+           + _html_table(["measure", *r.models], [[_td(k), *[_td(c, "num") for c in v]] for k, v in rows]))
+    kinds = preference_kind_rows(r.metrics, r.models)
+    if kinds:
+        out += "<h3>By kind of rejected answer</h3>" + _html_table(
+            ["rejected kind", *[f"{m} {w}" for m in r.models for w in ("per token", "summed")]],
+            [[_td(k[0]), *[_td(c, "num") for c in k[1:]]] for k in kinds])
+    return out
+
+
+def forgetting_html(r: Report) -> str:
+    if not r.forgetting:
+        return ""
+    t = forgetting_table(r.forgetting)
+    confidence = settings(r.metrics)["confidence"]
+    warn = f"<p class='warning'>⚠️ <b>{_e(t['regression'])}</b></p>" if t["regression"] else ""
+    notes = ("<p class='muted'>Benchmark: " + _e("; ".join(f"{k} {v}" for k, v in t["notes"])) + ".</p>"
+             if t["notes"] else "")
+    rows = [[_td(row["metric"]), *[_td(fmt_estimate(row["metric"], row["values"][m]), "num") for m in t["models"]],
+             *[_delta_td(row["metric"], d, 1, confidence, fmt_forgetting_delta) for d in row["deltas"].values()]]
+            for row in t["rows"]]
+    header = ["metric", *t["models"], *[f"Δ {c.replace('_vs_', ' vs ')}" for c in t["comparisons"]]]
+    return "<h2>General ability (forgetting guard)</h2>" + warn + notes + _html_table(header, rows)
 
 
 def _output_td(row: Optional[dict]) -> str:
@@ -454,13 +756,8 @@ def errors_html(r: Report) -> str:
         for k in sorted(counts, key=lambda k: -sum(counts[k].values()))])
     examples = "".join(_failure_example_html(kind, row)
                        for kind, row in failure_examples(r.generations, r.models).items())
-    prefs = ""
-    if r.preferences:
-        prefs = "<h3>Preference accuracy by kind of rejected answer</h3>" + _html_table(
-            ["rejected kind", *r.models], [[_td(kind), *[_td(_ratio(cells.get(m)), "num") for m in r.models]]
-                                           for kind, cells in preference_by_kind(r.preferences, r.models).items()])
     return ("<h2>Error analysis</h2><p class='muted'>Failures on the test split; an answer can have several.</p>"
-            + table + examples + prefs)
+            + table + examples)
 
 
 def _failure_example_html(kind: str, row: dict) -> str:
@@ -491,7 +788,8 @@ def provenance_html(r: Report) -> str:
 
 
 def render_html(r: Report) -> str:
-    body = "".join([f"<h1>{_e(r.title)}</h1><p>Models: {_e(', '.join(r.models))}.</p>", metrics_section_html(r),
-                    figures_html(r), samples_html(r), errors_html(r), provenance_html(r)])
+    body = "".join([f"<h1>{_e(r.title)}</h1><p class='headline'><b>{_e(headline(r.metrics))}</b></p>",
+                    f"<p>Models: {_e(', '.join(r.models))}.</p>", metrics_section_html(r), preference_html(r),
+                    forgetting_html(r), figures_html(r), samples_html(r), errors_html(r), provenance_html(r)])
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(r.title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")

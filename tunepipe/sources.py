@@ -3,13 +3,21 @@
     model, tokenizer, info = load_base_model(params.shared.base_model, trust_remote_code=False)
     save_base_model(model, tokenizer, "models/base")     # safetensors, byte-identical on rerun
     splits, info = load_data(params.fetch.sft, "sft", params.fetch, seed=42)
+    removed = remove_test_overlap({"sft": sft_splits, "preference": pref_splits})   # {"sft": 3, ...}
 
 Model sources: ``hub`` (an id and a pinned revision), ``local`` (a model folder),
 ``gguf_package`` (a .gguf shipped inside an installed Python package, dequantized
 and saved as a plain safetensors model). Data sources: ``generated`` (tunepipe.tasks,
 already split), ``local`` files (jsonl, json, csv, parquet, or a ``save_to_disk``
 folder) and ``hub`` data sets; these two are converted by tunepipe.formats and split
-into train/val/test with a seeded scikit-learn ``train_test_split``.
+into train/val/test with a seeded scikit-learn ``train_test_split``, or, when the
+source names its own held-out split (``test_split``, e.g. UltraFeedback's
+``test_sft``), into train/val with that split as the test set.
+
+Data the project did not make can repeat a prompt across splits or across the
+SFT and preference roles (UltraFeedback's SFT and preference sets share prompts):
+``remove_test_overlap`` drops every test prompt that any role trains on, so a
+test score is never a memorized training answer.
 
 Hub access uses the token in the environment (HF_TOKEN), if any; it is never
 logged or written.
@@ -227,7 +235,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_data(ds: DataSource, role: str, fetch: Fetch, seed: int) -> tuple[dict[str, list[dict]], dict]:
-    """({"train", "val", "test"} -> canonical records, manifest info) for ``fetch.sft`` or ``fetch.preference``."""
+    """({"train", "val", "test"} -> canonical records, manifest info) for ``fetch.sft`` or ``fetch.preference``.
+
+    ``max_rows`` samples each split read from the source (the training split, and
+    ``test_split`` when set).
+    """
     key = f"fetch.{role}"
     if ds.source == "generated":
         g = fetch.generated
@@ -235,24 +247,37 @@ def load_data(ds: DataSource, role: str, fetch: Fetch, seed: int) -> tuple[dict[
         make = tasks.generate_sft if role == "sft" else tasks.generate_preference
         splits = {name: make(name, n, seed, g.families) for name, n in zip(SPLITS, sizes)}
         return splits, {"source": ds.model_dump(mode="json"), "generated": g.model_dump(mode="json")}
-    rows, origin = read_rows(ds, key)
+    records, info = _read_split(ds, key, ds.split, fetch, seed)
+    if ds.test_split is None:
+        return split_records(records, fetch.val_fraction, fetch.test_fraction, seed, info["origin"]), info
+    test, info["test"] = _read_split(ds, f"{key}.test_split", ds.test_split, fetch, seed)
+    train, val = split_train_val(records, fetch.val_fraction, seed, info["origin"])
+    # shuffled like a train_test_split test set: evaluate scores the first max_examples
+    return {"train": train, "val": val, "test": random.Random(seed).sample(test, len(test))}, info
+
+
+def _read_split(ds: DataSource, key: str, split: str, fetch: Fetch, seed: int) -> tuple[list[dict], dict]:
+    """Canonical records of one split of a hub or local source, sampled to ``max_rows``, and its info."""
+    rows, origin = read_rows(ds, key, split)
     records, stats = formats.convert_rows(rows, ds.format, origin, ds.fields, ds.filters, fetch.on_bad_row)
     log.info("%s: %s; kept %d", origin, formats.explain(stats), stats["kept"])
     records = sample_rows(records, ds.max_rows, seed)
-    splits = split_records(records, fetch.val_fraction, fetch.test_fraction, seed, origin)
-    return splits, {"source": ds.model_dump(mode="json"), "origin": origin, "rows": stats,
-                    "sampled": len(records)}
+    return records, {"source": ds.model_dump(mode="json"), "origin": origin, "rows": stats, "sampled": len(records)}
 
 
-def read_rows(ds: DataSource, key: str) -> tuple[list[dict], str]:
-    """Raw rows of a hub or local source, and a name for it used in messages."""
+def read_rows(ds: DataSource, key: str, split: Optional[str] = None) -> tuple[list[dict], str]:
+    """Raw rows of a hub or local source (``split``, default ``ds.split``), and a name for it used in messages."""
+    split = split or ds.split
     if ds.source == "hub":
-        return _hub_rows(ds, key), f"{ds.id}@{ds.revision or 'main'}:{ds.split}"
+        return _hub_rows(ds, key, split), f"{ds.id}@{ds.revision or 'main'}:{split}"
     path = Path(ds.path)
     if not path.exists():
         raise DataError(f"{key}.path: {path} does not exist")
-    if path.is_dir():
-        return _disk_rows(path, ds.split, key), str(path)
+    if path.is_dir():   # a second split of one folder is named apart (its record ids too)
+        return _disk_rows(path, split, key), str(path) if split == ds.split else f"{path}:{split}"
+    if split != ds.split:
+        raise DataError(f"{key}: {path} is a single file with no named splits; a separate test split needs "
+                        "a Hub data set or a save_to_disk folder")
     reader = _FILE_READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{key}.path: {path}: unknown file type {path.suffix!r}; "
@@ -260,18 +285,18 @@ def read_rows(ds: DataSource, key: str) -> tuple[list[dict], str]:
     return reader(path), str(path)
 
 
-def _hub_rows(ds: DataSource, key: str) -> list[dict]:
+def _hub_rows(ds: DataSource, key: str, split: str) -> list[dict]:
     import datasets
     from datasets.exceptions import DatasetsError
 
     if ds.revision is None:
         log.warning("%s.revision is not pinned: a rerun may get different data", key)
     try:
-        data = datasets.load_dataset(ds.id, name=ds.config, revision=ds.revision, split=ds.split)
+        data = datasets.load_dataset(ds.id, name=ds.config, revision=ds.revision, split=split)
     except (OSError, ValueError, DatasetsError) as exc:
         raise StageError(
             f"{key}.id: cannot load data set {ds.id!r} ({'config ' + repr(ds.config) + ', ' if ds.config else ''}"
-            f"revision {ds.revision or 'main'}, split {ds.split!r}) from the Hugging Face Hub: "
+            f"revision {ds.revision or 'main'}, split {split!r}) from the Hugging Face Hub: "
             f"{_first_line(exc)}\nCheck the id, config, "
             f"revision and split and the network, or download the data and set {key}.source: local "
             f"with {key}.path.") from None
@@ -287,7 +312,7 @@ def _disk_rows(path: Path, split: str, key: str) -> list[dict]:
         raise DataError(f"{key}.path: {path} is not a save_to_disk folder: {_first_line(exc)}") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise DataError(f"{key}.split: {path} has no split {split!r}; it has {sorted(data)}")
+            raise DataError(f"{key}: {path} has no split {split!r}; it has {sorted(data)}")
         data = data[split]
     return data.to_list()
 
@@ -349,3 +374,47 @@ def split_records(records: list[Any], val_fraction: float, test_fraction: float,
         raise DataError(f"{origin}: too few rows ({len(records)}) for fetch.test_fraction={test_fraction}")
     train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed)
     return {"train": train, "val": val, "test": test}
+
+
+def split_train_val(records: list[Any], val_fraction: float, seed: int, origin: str = "data") -> tuple[list, list]:
+    """Seeded train/val split of a source whose test set is a split of its own; each gets a record."""
+    from sklearn.model_selection import train_test_split
+
+    if len(records) < 2:
+        raise DataError(f"{origin}: {len(records)} usable rows; at least 2 are needed for train/val")
+    train, val = train_test_split(records, test_size=val_fraction, random_state=seed)
+    return train, val
+
+
+def prompt_text(record: dict) -> str:
+    """A record's whole prompt (earlier turns, instruction, input), whitespace collapsed and case folded.
+
+    The system message is left out: the same question under another system prompt is the same question.
+    """
+    turns = [m.get("content") or "" for m in record.get("history") or []]
+    text = " ".join([*turns, record.get("instruction") or "", record.get("input") or ""])
+    return " ".join(text.split()).casefold()
+
+
+def remove_test_overlap(splits_by_role: dict[str, dict[str, list[dict]]]) -> dict[str, int]:
+    """Drop from each role's test split every prompt that any role trains on; {role: number dropped}.
+
+    ``splits_by_role`` is {"sft": splits, "preference": splits} as ``load_data``
+    returns them. The test lists are shortened in place, so whoever holds them
+    (the fetch stage's files to write) sees the result. A test split left empty
+    is an error: there would be nothing to evaluate on.
+    """
+    trained = {prompt_text(r) for splits in splits_by_role.values() for r in splits.get("train", [])}
+    removed = {}
+    for role, splits in splits_by_role.items():
+        test = splits.get("test", [])
+        kept = [r for r in test if prompt_text(r) not in trained]
+        removed[role] = len(test) - len(kept)
+        if test and not kept:
+            raise DataError(f"fetch.{role}: all {len(test)} test prompts also appear in training data "
+                            "(fetch.sft / fetch.preference train splits); nothing is left to test on")
+        if removed[role]:
+            log.warning("fetch.%s: removed %d of %d test prompts that also appear in training data",
+                        role, removed[role], len(test))
+        test[:] = kept
+    return removed
