@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # dvc.yaml runs `python -m stages.<name>`: make that python the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast bench diff lock clean
+.PHONY: setup repro reference test test-fast bench diff lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ setup: $(STAMP)
 
 repro: setup
 	$(BIN)/dvc repro
+
+# Refresh the reference run that main carries (dvc.lock, metrics/, params.yaml): what
+# `make diff` and the PR comment compare against. Commit what it stages.
+reference: repro
+	git add dvc.lock params.yaml metrics
+	@echo "staged the reference run; note the machine (lscpu) in README and commit"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -57,9 +57,23 @@ def _relative(path) -> str | None:
         rel = full.relative_to(ROOT)
     except (TypeError, ValueError, OSError):
         return None
+    if not full.exists():
+        # a name relative to a directory descriptor (shutil.rmtree opens entries with dir_fd),
+        # or a file that is not there: nothing was read from the project at that path
+        return None
     if rel.parent.name == "__pycache__":  # compiled module: count it as its source
         rel = rel.parent.parent / (rel.name.split(".")[0] + ".py")
     return rel.as_posix()
+
+
+def _hashing_code() -> bool:
+    """True inside the training fingerprint's hash of all the code (it reads it, it does not run it)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "code_sha256":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -72,7 +86,7 @@ def _audit(event: str, args: tuple) -> None:
         rel = _relative(args[0] if args and args[0] is not None else ".")
     else:
         return
-    if rel and rel != ".":
+    if rel and rel != "." and not _hashing_code():
         READS.add(rel)
 
 
