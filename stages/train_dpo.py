@@ -25,7 +25,7 @@ from tunepipe.modeling import (load_for_training, load_tokenizer, resolve_precis
                                trainable_parameters)
 from tunepipe.params import Params
 from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
-                               save_trained, score_only_labelled_positions, trainer_arguments)
+                               save_trained, score_only_labelled_positions, trainer_arguments, training_record)
 
 log = logging.getLogger("tunepipe.train_dpo")
 
@@ -84,8 +84,6 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT, fingerprint):
-        return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
     summary.update({k.replace("/", "_"): _round(last.get(k)) for k in REWARD_KEYS})
@@ -93,6 +91,9 @@ def main(params: Params) -> None:
     summary.update(method=cfg.method, precision=precision, loss_type=cfg.loss_type, beta=cfg.beta,
                    train_pairs=len(trainer.train_dataset))
     summary.update(provenance(fingerprint, cfg))
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT,
+                        training_record(fingerprint, summary)):
+        return  # one of several processes: the main one writes the metrics
     write_json(METRICS, summary)
     finish_training(CHECKPOINTS)  # the model is saved: nothing is left to resume
     log.info("saved %s; final loss %s, reward accuracy %s (eval %s)", OUT, summary["train_loss"],

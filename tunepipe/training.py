@@ -6,8 +6,9 @@
     trainer = SFTTrainer(..., callbacks=run.callbacks())
     run.train(trainer)                                            # KeyboardInterrupt after a saved checkpoint
     run.final_evaluation(trainer, has_eval=True)
-    save_trained(trainer, tokenizer, "models/sft", fp)           # + training.json: what made it
-    write_json("metrics/train_sft.json", {**run.summary(trainer), **provenance(fp, cfg)})
+    summary = {**run.summary(trainer), **provenance(fp, cfg)}
+    save_trained(trainer, tokenizer, "models/sft", training_record(fp, summary))  # + training.json
+    write_json("metrics/train_sft.json", summary)
     finish_training("models/checkpoints/sft")                     # nothing left to resume
 
 With ``num_processes > 1`` the stage reruns itself under ``accelerate launch``
@@ -238,9 +239,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_trained(trainer, tokenizer, target: str | Path, fingerprint: dict) -> bool:
-    """Save the trained adapter (or model) with its training record (the fingerprint, as
-    ``training.json``); every process calls this, only the main one writes (and gets True).
+def save_trained(trainer, tokenizer, target: str | Path, record: dict) -> bool:
+    """Save the trained adapter (or model) with its training record (``training.json``, see
+    ``training_record``); every process calls this, only the main one writes (and gets True).
 
     With several processes the weights are gathered first (FSDP and ZeRO-3 shard them),
     which takes every process.
@@ -250,7 +251,7 @@ def save_trained(trainer, tokenizer, target: str | Path, fingerprint: dict) -> b
     main = trainer.is_world_process_zero()
     if main:
         save_model_dir(accelerator.unwrap_model(trainer.model_wrapped), tokenizer, target, state_dict=state_dict,
-                       record=fingerprint)
+                       record=record)
     accelerator.wait_for_everyone()
     return main
 
@@ -526,10 +527,37 @@ def save_model_dir(model, tokenizer, target: str | Path, state_dict: Optional[di
 
     with atomic_path(target, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        _sort_adapter_config(tmp / "adapter_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if record is not None:
             write_json(tmp / TRAINING_RECORD, record)
+
+
+def _sort_adapter_config(path: Path) -> None:
+    """Write PEFT's target_modules in sorted order.
+
+    PEFT saves them from a set, so their order follows Python's per-process hash seed:
+    the same training gave a different adapter_config.json in every process, and DVC
+    reran everything after it for identical weights.
+    """
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# Figures of the machine or of the run's history, not of the model: they stay out of the
+# model folder's record, so the same training gives the same folder (and DVC reruns nothing after it).
+RUN_FIGURES = ("train_seconds", "tokens_per_second", "peak_rss_mib", "resumed_from_step", "code_sha256", "versions",
+               *BOOKKEEPING_KEYS)
+
+
+def training_record(fingerprint: dict, summary: dict) -> dict:
+    """What the model folder's training.json holds: the fingerprint and the run's results."""
+    return {**fingerprint, "results": {k: v for k, v in summary.items() if k not in RUN_FIGURES}}
 
 
 def provenance(fingerprint: dict, cfg) -> dict:

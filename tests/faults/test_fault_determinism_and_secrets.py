@@ -23,7 +23,9 @@ from tests.dvcproject import tiny_params
 pytestmark = pytest.mark.e2e
 
 FAKE_TOKEN = "hf_FAKEtunepipeFaultSuite0123456789abcdef"
-STAGES = ["fetch", "template", "tokenize", "train_sft", "train_dpo", "merge", "evaluate", "report"]
+STAGES = [("fetch", {}), ("template", {}), ("tokenize", {}), ("train_sft", {}), ("train_dpo", {}), ("merge", {}),
+          *[("evaluate", {"model": m}) for m in ("base", "sft", "final")], ("compare", {}), ("forgetting", {}),
+          ("report", {})]
 # measurements of the machine, not results of the run
 MACHINE_KEYS = re.compile(r"seconds|per_second|rss|_mib$|duration|time")
 
@@ -51,8 +53,8 @@ def run_pipeline(root: Path, base: Path) -> str:
             mp.setenv("HF_TOKEN", FAKE_TOKEN)
             mp.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
             params = load_params("params.yaml")
-            for name in STAGES:
-                importlib.import_module(f"stages.{name}").main(params)
+            for name, options in STAGES:
+                importlib.import_module(f"stages.{name}").main(params, **options)
     finally:
         os.chdir(cwd)
         logger.removeHandler(handler)
@@ -90,7 +92,8 @@ def metrics_files(run: Path) -> dict[str, object]:
 def test_same_params_give_identical_metrics(two_runs):
     (first, second), _ = two_runs
     a, b = metrics_files(first), metrics_files(second)
-    assert {"metrics/tokenize.json", "metrics/train_sft.json", "metrics/train_dpo.json", "metrics/eval.json"} <= set(a)
+    assert {"metrics/tokenize.json", "metrics/train_sft.json", "metrics/train_dpo.json", "metrics/eval.json",
+            "metrics/eval_items.json", "metrics/forgetting.json"} <= set(a)
     assert any(name.endswith("loss.tsv") for name in a)
     assert a.keys() == b.keys()
     for name in a:
@@ -98,7 +101,7 @@ def test_same_params_give_identical_metrics(two_runs):
     # and the artefacts behind them
     from tunepipe.artifacts import sha256_tree
 
-    for out in ("data/raw", "data/tokenized", "models/sft", "models/dpo", "data/eval"):
+    for out in ("data/raw", "data/tokenized", "models/sft", "models/dpo", "data/eval", "data/forgetting"):
         assert sha256_tree(first / out) == sha256_tree(second / out), out
 
 
