@@ -38,6 +38,13 @@ def run(args, cwd, env) -> str:
     return out.stdout
 
 
+def dvc_log(root: Path, env: dict, *args: str) -> str:
+    """stdout and stderr of a dvc command that must succeed (the stages log to stderr)."""
+    out = subprocess.run([*DVC, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
 def make_project(root: Path, tiny_model_dir: Path, params: dict) -> dict:
     """The pipeline's code, dvc.yaml, ``params`` and the tiny base model (as tiny_base/) in a
     committed git + DVC repository at ``root``; returns the environment to run it with."""

@@ -9,13 +9,12 @@ from a remote (a local folder stands in for S3/GCS/SSH).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.dvcproject import DVC, copy_project, dvc_status, run
+from tests.dvcproject import DVC, copy_project, dvc_log, dvc_status, run
 
 pytestmark = pytest.mark.e2e
 
@@ -25,13 +24,6 @@ TRAINING = ("train-sft", "train-dpo")
 @pytest.fixture(scope="module")
 def project(reproduced_project, tmp_path_factory):
     return copy_project(reproduced_project, tmp_path_factory.mktemp("invalidation") / "p")
-
-
-def dvc_log(root: Path, env: dict, *args: str) -> str:
-    """stdout and stderr of a dvc command that must succeed (the stages log to stderr)."""
-    out = subprocess.run([*DVC, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
 
 
 def set_params(root: Path, **changes) -> str:

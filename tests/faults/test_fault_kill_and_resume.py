@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvcproject import DVC, make_project, run, tiny_params
+from tests.dvcproject import DVC, dvc_log, make_project, run, tiny_params
 from tunepipe.artifacts import sha256_tree
 
 pytestmark = pytest.mark.e2e
@@ -72,13 +72,6 @@ def assert_no_tmp_in_cache_or_outputs(root: Path) -> None:
         assert ".tmp-" not in listing.read_text(), listing
 
 
-def repro(root: Path, env: dict, *args: str) -> str:
-    """`dvc repro`; the stages' logs (stderr) included in what it returns."""
-    out = subprocess.run([*DVC, "repro", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"dvc repro {args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
-
-
 def status(root: Path, env: dict, stage: str) -> dict:
     """`dvc status` of ``stage`` and everything upstream of it."""
     return json.loads(run([*DVC, "status", "--json", "--with-deps", stage], root, env) or "{}")
@@ -121,7 +114,7 @@ def test_sigkill_during_tokenize_then_repro_is_clean(project):
     kill_group(proc)
     assert partial and not (root / "data/tokenized").exists()  # DVC removed the old output; nothing renamed in
 
-    log = repro(root, env, "tokenize")
+    log = dvc_log(root, env, "repro", "tokenize")
     assert sha256_tree(root / "data/tokenized") == before
     if "Running stage 'tokenize'" in log:  # rerun: its first write clears the stray temp folder
         assert not list((root / "data").glob(".tmp-*"))
@@ -154,7 +147,7 @@ def test_sigkill_during_train_sft_resumes_to_the_same_result(project, reference)
     kill_group(proc)
     assert not (root / "models/sft").exists() and committed(root, "train-sft") is None
 
-    log = repro(root, env, "train-sft")
+    log = dvc_log(root, env, "repro", "train-sft")
     assert "resuming from models/checkpoints/sft/checkpoint-" in log
     metrics = json.loads((root / "metrics/train_sft.json").read_text())
     assert metrics["resumed_from_step"] >= 2 and metrics["steps"] == expected_metrics["steps"]
@@ -188,7 +181,7 @@ def test_ctrl_c_saves_a_checkpoint_and_changed_data_is_not_resumed(project):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tokenize"]["max_length"] -= 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    repro(root, env, "tokenize")
+    dvc_log(root, env, "repro", "tokenize")
     rerun = subprocess.run([sys.executable, "-m", "stages.train_sft", "--params", "long.yaml"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
