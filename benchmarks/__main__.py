@@ -1,25 +1,25 @@
-"""The default benchmark suite (`make bench`): matmul peak, levers, train-sft, train-dpo, generation.
+"""The default benchmark suite (`make bench`): matmul peak, levers, train-sft, train-dpo, generation, then
+train-sft and train-dpo again on the long-answer workload (benchmarks/long_answers.py).
 
     python -m benchmarks [--quick]        # --quick: 1 repeat each (a smoke run, noisy ratios)
 
 Each figure is a ratio against a baseline measured in the same run, interleaved;
-results go to benchmarks/results.json (atomically), tables to stdout. The full
+results go to this machine's entry of benchmarks/results.json (atomically; other machines'
+entries stay), tables to stdout. The full
 pipeline timing is opt-in (python -m benchmarks.pipeline): it takes many minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 
-from benchmarks import dpo, generate, harness, levers, peak, sft
+from benchmarks import dpo, generate, harness, levers, long_answers, peak, sft
 
 
 def main(quick: bool = False) -> None:
     repeats = 1 if quick else 2
     ws = harness.workspace()
-    machine = harness.machine()
-    harness.save_results("machine", dict(machine, date=datetime.date.today().isoformat()))
+    machine = harness.machine()  # results.json keeps it in this machine's entry
     print("machine:", machine)
 
     peaks = peak.main()
@@ -35,6 +35,11 @@ def main(quick: bool = False) -> None:
         result = run()
         harness.save_results(name, result)
         print("\n" + show(result), flush=True)
+    # the second workload: answers of 100-400 tokens (benchmarks/long_answers.py), its own results.json entry
+    long = long_answers.main(steps=4, repeats=repeats, examples=32, ws=ws, peak=peaks)
+    for name in ("sft", "dpo"):
+        harness.save_results(name, dict(long[name], workload_stats=long["workload"]), workload=long_answers.WORKLOAD)
+    print("\n" + long_answers.report(long), flush=True)
     print(f"\nwrote {harness.RESULTS.relative_to(harness.REPO)}")
 
 

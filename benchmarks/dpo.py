@@ -15,7 +15,8 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
                params compute the reference each step too, as the default run trains on fewer
                pairs than the data set holds and precomputing all of them would cost more)
     ours+precompute  ours with reference log-probs precomputed once (--levers)
-    ours+bf16 (learned less here: see RESULTS.md), ours+checkpointing, ours-all_positions (TRL's
+    ours+bf16 (bf16 autocast; with tunepipe.training.keep_lora_deltas_in_fp32 it learns as fp32 does,
+                     see benchmarks.dpo_precision), ours+checkpointing, ours-all_positions (TRL's
                      LM head over every position, prompt included, as TRL does off Triton devices):
                      one lever changed each (--levers)
 
@@ -107,10 +108,10 @@ def plain_trainer(model, tokenizer, train, cfg, seed, peft_config, output_dir):
 
 
 def main(steps: int = 3, repeats: int = 2, levers: bool = False, ws: Path | None = None,
-         concurrent: bool = False) -> dict:
+         concurrent: bool = False, overrides: dict | None = None) -> dict:
     ws = harness.workspace(ws)
     variants = ["baseline", "ours"] + (LEVERS if levers else [])
-    spec = {"workspace": str(ws), "steps": steps}
+    spec = {"workspace": str(ws), "steps": steps, "overrides": overrides or {}}
     schedule = harness.concurrent if concurrent else harness.interleaved
     runs = schedule(variants, repeats,
                                lambda v: harness.run_worker("benchmarks.dpo", dict(spec, variant=v)))

@@ -3,7 +3,7 @@
     ws = workspace()                                  # models/base + data/tokenized (+ data/templated)
     row = run_worker("benchmarks.sft", {"variant": "ours", ...})   # fresh process: its own ru_maxrss
     print(table(rows, ["variant", "tokens_per_s"]))
-    save_results("sft", {...})                        # merged into benchmarks/results.json atomically
+    save_results("sft", {...})                        # into this workload's + machine's entry of results.json
 
 Every figure is a ratio against a baseline measured in the same run, with the
 runs interleaved (baseline, ours, baseline, ours) and the median taken, because
@@ -12,6 +12,7 @@ the machine is shared and absolute numbers drift.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
@@ -153,19 +154,61 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def save_results(name: str, result: dict, path: Optional[Path] = None) -> None:
-    """Merge one benchmark's result into results.json (atomically), keeping the others'."""
+DEFAULT_WORKLOAD = "default"
+
+
+def save_results(name: str, result: dict, path: Optional[Path] = None, workload: str = DEFAULT_WORKLOAD) -> None:
+    """Merge one benchmark's result into results.json (atomically), in the entry of this workload on this
+    machine: a run on another CPU (or another workload) adds an entry instead of replacing one.
+
+    results.json: {"entries": {"<workload> @ <machine>": {"workload", "machine", "date", "commit",
+    "<name>": result, ...}}}; each result also records when, at which commit and under what load."""
     from tunepipe.artifacts import write_json
 
     path = path or RESULTS
-    current = {}
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            current = {}
-    current[name] = result
-    write_json(path, current)
+    history = load_history(path)
+    here = machine()
+    entry = history["entries"].setdefault(entry_key(workload, here), {"workload": workload})
+    recorded = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "load_avg_1m": here["load_avg_1m"]}
+    entry.update(machine={k: v for k, v in here.items() if k != "load_avg_1m"}, **recorded)
+    entry[name] = dict(result, recorded=recorded)
+    write_json(path, history)
+
+
+def load_history(path: Optional[Path] = None) -> dict:
+    """results.json as {"entries": {...}}; a file in the old one-machine layout becomes that machine's entry."""
+    path = path or RESULTS
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        current = {}
+    if "entries" in current:
+        return current
+    if not current:
+        return {"entries": {}}
+    old = current.get("machine", {})
+    entry = {"workload": DEFAULT_WORKLOAD, "machine": {k: v for k, v in old.items() if k not in ("date", "load_avg_1m")},
+             "date": old.get("date"), "commit": None, **{k: v for k, v in current.items() if k != "machine"}}
+    return {"entries": {entry_key(DEFAULT_WORKLOAD, entry["machine"]): entry}}
+
+
+def load_results(workload: str = DEFAULT_WORKLOAD, path: Optional[Path] = None) -> dict:
+    """This machine's entry for ``workload`` (empty if it never ran here)."""
+    return load_history(path)["entries"].get(entry_key(workload, machine()), {})
+
+
+def entry_key(workload: str, m: dict) -> str:
+    """"<workload> @ <CPU model> | <torch's CPU capability> | <bf16 flags> | <cores> cores": two machines sold
+    as "AMD EPYC" differed only in capability and flags (AVX2 vs AVX512-BF16)."""
+    return (f"{workload} @ {m.get('cpu')} | {m.get('cpu_capability')} | bf16 flags: {m.get('bf16_flags', '?')} | "
+            f"{m.get('cores')} cores")
+
+
+def git_commit() -> Optional[str]:
+    """The commit measured, "-dirty" when the working tree had changes (the figures are then of those)."""
+    proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True,
+                          text=True)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def machine() -> dict:
@@ -177,6 +220,9 @@ def machine() -> dict:
                   if line.startswith("model name")), platform.processor())
     mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal"))
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    bf16 = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1), "bf16_flags": bf16,
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tunepipe.artifacts import write_json
 from tunepipe.cli import StageError, run_stage
-from tunepipe.modeling import (load_for_training, load_tokenizer, read_tokenizer_info, resolve_precision,
-                               set_cpu_threads, trainable_parameters)
+from tunepipe.modeling import load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads, trainable_parameters
 from tunepipe.params import Params
-from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
-                               save_trained, score_only_labelled_positions, trainer_arguments, training_record)
+from tunepipe.training import (TrainingRun, choose_precision, finish_training, launch_processes, provenance,
+                               resume_point, save_trained, score_only_labelled_positions, trainer_arguments,
+                               training_record)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -51,11 +51,10 @@ def main(params: Params) -> None:
     resume, fingerprint = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE})
     if launch_processes(params, "train_sft", CHECKPOINTS):  # num_processes > 1: this stage again, under accelerate
         return
-    precision = resolve_precision(cfg.precision)
-
     from transformers import set_seed
 
-    set_cpu_threads()
+    set_cpu_threads()  # before the precision probe: it measures with the threads training gets
+    precision, precision_record = choose_precision(cfg.precision, BASE)
     set_seed(seed)  # before the model and adapter exist: same seed, same adapter init and dropout
 
     # ---- data
@@ -87,7 +86,7 @@ def main(params: Params) -> None:
 
     # ---- save
     summary = run.summary(trainer)
-    summary.update(method=cfg.method, precision=precision, padding_free=padding_free,
+    summary.update(method=cfg.method, precision=precision, **precision_record, padding_free=padding_free,
                    trainable_parameters=n_train, train_examples=len(data["train"]))
     summary.update(provenance(fingerprint, cfg))
     if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT,

@@ -53,7 +53,7 @@ def test_sft_rows_compare_baseline_and_ours(bench_ws, monkeypatch, tmp_path):
     assert res["step1_loss_diff"] < 1e-3
     assert 0 < ours["mfu_fp32"] < ours["mfu_bf16"]
     harness.save_results("sft", res)
-    assert json.loads((tmp_path / "results.json").read_text())["sft"]["rows"][1]["variant"] == "ours"
+    assert harness.load_results()["sft"]["rows"][1]["variant"] == "ours"
     assert "| variant" in sft.report(res)
 
 
@@ -93,3 +93,37 @@ def test_table_formats_every_column():
     lines = text.splitlines()
     assert lines[0].split("|")[1].strip() == "a" and "1.235" in lines[2] and "12346" in lines[3] and "-" in lines[2]
     assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0) is None
+
+
+def test_results_keep_one_entry_per_workload_and_machine(monkeypatch, tmp_path):
+    """A run on another CPU, or of another workload, adds to results.json; the same one replaces its own."""
+    from benchmarks import harness
+
+    path = tmp_path / "results.json"
+    amd = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "bf16_flags": "avx512_bf16", "cores": 2, "load_avg_1m": 0.3}
+    intel = dict(amd, cpu="Intel(R) Xeon(R) Platinum", bf16_flags="avx512_bf16")
+    monkeypatch.setattr(harness, "machine", lambda: amd)
+    harness.save_results("sft", {"speedup": 3.4}, path)
+    harness.save_results("sft", {"speedup": 3.3}, path)  # same machine and workload: replaced
+    harness.save_results("sft", {"speedup": 4.0}, path, workload="long-answers")
+    monkeypatch.setattr(harness, "machine", lambda: intel)
+    harness.save_results("sft", {"speedup": 2.1}, path)
+
+    entries = harness.load_history(path)["entries"]
+    assert len(entries) == 3
+    assert harness.load_results(path=path)["sft"]["speedup"] == 2.1
+    monkeypatch.setattr(harness, "machine", lambda: amd)
+    mine = harness.load_results(path=path)
+    assert mine["sft"]["speedup"] == 3.3 and mine["machine"]["cpu"] == "AMD EPYC" and mine["workload"] == "default"
+    assert set(mine["sft"]["recorded"]) == {"date", "commit", "load_avg_1m"}
+    assert harness.load_results("long-answers", path)["sft"]["speedup"] == 4.0
+
+
+def test_old_single_machine_results_become_that_machines_entry(tmp_path):
+    from benchmarks import harness
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine": {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cores": 2,
+                                            "date": "2026-11-23"}, "sft": {"speedup": 2.0}}))
+    (entry,) = harness.load_history(path)["entries"].values()
+    assert entry["sft"] == {"speedup": 2.0} and entry["date"] == "2026-11-23" and entry["workload"] == "default"

@@ -56,15 +56,16 @@ def test_lora_and_qlora_configs_follow_params():
     assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
 
 
-def test_precision_auto_follows_hardware(monkeypatch):
+def test_precision_auto_follows_the_measurement(monkeypatch):
+    """The probe itself is tested in tests/test_precision.py; here resolve_precision follows it."""
     import torch
 
-    from tunepipe import modeling
+    from tunepipe import modeling, precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: False)
-    assert modeling.resolve_precision("auto") == "fp32"  # emulated bf16 is far slower than fp32
-    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_choice", lambda shapes: {"precision": "fp32", "source": "probe"})
+    assert modeling.resolve_precision("auto") == "fp32"  # bf16 measured slower here
+    monkeypatch.setattr(precision, "cpu_choice", lambda shapes: {"precision": "bf16", "source": "probe"})
     assert modeling.resolve_precision("auto") == "bf16"
     assert modeling.resolve_precision("fp32") == "fp32"
     with pytest.raises(StageError, match="fp16 needs a CUDA GPU"):

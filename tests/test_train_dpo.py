@@ -93,3 +93,39 @@ def test_long_prompts_are_cut_from_the_left(smol_tokenizer):
     assert len(smol_tokenizer(out[0]["prompt"], add_special_tokens=False)["input_ids"]) <= 32
     assert out[0]["prompt"].endswith("<|im_start|>assistant\n")  # the end of the prompt survives
     assert out[1]["prompt"] == "short<|im_start|>assistant\n"
+
+
+def test_lora_deltas_under_half_a_bf16_step_survive_autocast():
+    """PEFT's bf16 sum rounds a young adapter's small delta away; keep_lora_deltas_in_fp32 keeps it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import layer
+
+    from tunepipe.training import keep_lora_deltas_in_fp32
+
+    torch.manual_seed(0)
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
+    lora = net.base_model.model[0]
+    torch.nn.init.constant_(lora.lora_B["default"].weight, 1e-5)  # delta ~1e-4, far under bf16's step at ~1
+    x = torch.randn(8, 64)
+
+    def delta(autocast=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            on = net(x)
+            with net.disable_adapter():
+                off = net(x)
+        return (on.float() - off.float()).abs().mean().item()
+
+    original = layer.Linear.forward
+    try:
+        layer.Linear.forward = getattr(original, "plain", original)
+        exact = delta(autocast=False)
+        assert delta() < 0.2 * exact  # PEFT's own sum: most of the adapter's effect is rounded away
+        keep_lora_deltas_in_fp32()
+        assert delta() == pytest.approx(exact, rel=0.05)
+        torch.nn.init.zeros_(lora.lora_B["default"].weight)
+        assert delta() == 0.0  # a fresh adapter: policy and reference passes agree exactly
+        assert net(x).dtype == torch.float32  # outside autocast: PEFT's forward, unchanged
+    finally:
+        layer.Linear.forward = original

@@ -261,6 +261,21 @@ def test_bf16_autocast_trains_on_cpu(workdir):
     assert metrics["train_loss"] > 0
 
 
+def test_precision_auto_trains_in_what_the_probe_measured_faster(workdir, monkeypatch, tmp_path):
+    """auto follows the (replaced) probe, not the CPU flags; the log and metrics carry the ratio."""
+    from stages import train_sft
+    from tunepipe import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "measure", lambda shapes, tokens: {"fp32_ms": 10.0, "bf16_ms": 17.0, "tokens": tokens})
+    train_sft.main(tiny_params(train_sft={"precision": "auto", "max_steps": 2, "eval_steps": 2}))
+    metrics = json.loads(Path("metrics/train_sft.json").read_text())
+    assert metrics["precision"] == "fp32" and metrics["precision_source"] == "measured"
+    assert metrics["precision_bf16_speedup"] == pytest.approx(10 / 17, abs=1e-3)
+    record = json.loads(Path("models/sft/training.json").read_text())
+    assert "precision_bf16_speedup" not in record["results"] and record["results"]["precision"] == "fp32"
+
+
 def test_metrics_logging_works_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     """Plain DVCLive fails there ('Empty git repo'); the stages only need its tsv plots."""
     import subprocess

@@ -185,18 +185,14 @@ def versions(names: Sequence[str]) -> dict[str, Optional[str]]:
 # --------------------------------------------------------------------------- models
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` -> bfloat16 where the hardware runs it fast (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16/AMX), else float32; like modeling.resolve_precision for training."""
-    import torch
-
-    from tunepipe.modeling import cpu_has_native_bf16
+def resolve_dtype(dtype: str, model_dir=None) -> str:
+    """``auto`` -> bfloat16 where this machine runs it clearly faster, else float32: the decision
+    training's ``precision: auto`` makes (tunepipe.precision: measured once per machine, cached)."""
+    from tunepipe.precision import choose
 
     if dtype != "auto":
         return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16" if choose("auto", model_dir)["precision"] == "bf16" else "float32"
 
 
 def wrap_model(model, tokenizer, *, batch_size: int, max_length: Optional[int] = None) -> "LM":

@@ -282,6 +282,56 @@ def score_only_labelled_positions() -> None:
     utils._use_triton = compact
 
 
+def keep_lora_deltas_in_fp32() -> None:
+    """Under autocast, add each LoRA delta to its layer's output in fp32 and pass that on in fp32.
+
+    PEFT adds ``B(A(x))`` to the base layer's bf16 output in bf16. That output is already
+    on bf16's grid, so a delta under half a bf16 step (2^-9 of the value) rounds back to
+    exactly the base output: a young adapter's effect vanished from the forward pass. In
+    DPO, where the loss is the policy's log-probs minus the reference's (the same model
+    with the adapter off), the bf16 run measured a reward margin a sixth of fp32's after
+    one update, although its weights, scored in fp32, had learned as much
+    (python -m benchmarks.dpo_precision). With the sum in fp32 the residual stream (fp32
+    under autocast) keeps the deltas. The reference pass (adapter off) outputs fp32 too, so
+    the two passes differ only by the deltas. Outside autocast this is PEFT's own forward.
+    """
+    import torch
+    from peft.tuners.lora import layer
+
+    original = layer.Linear.forward
+    if hasattr(original, "plain"):
+        return
+
+    def forward(self, x, *args, **kwargs):
+        if (self.merged or self.lora_variant or kwargs.get("adapter_names") is not None
+                or not torch.is_autocast_enabled(x.device.type)):
+            return original(self, x, *args, **kwargs)
+        # the reference pass (adapter off) takes the same fp32 path: else policy and reference differ
+        # by rounding alone and DPO's rewards start away from zero
+        result = self.base_layer(x, *args, **kwargs).float()
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+                result = result + delta.float() * self.scaling[name]
+        return result
+
+    forward.plain = original
+    layer.Linear.forward = forward
+
+
+def choose_precision(precision: str, model_dir: str | Path) -> tuple[str, dict]:
+    """The precision to train in (``auto`` measured: tunepipe.precision), logged, and what the stage's
+    metrics record of the choice: the measured bf16/fp32 speed ratio and where the choice came from."""
+    from tunepipe.precision import choose, describe
+
+    choice = choose(precision, model_dir)
+    log.info(describe(choice))
+    return choice["precision"], {"precision_source": "measured" if choice["source"] in ("probe", "cache")
+                                 else choice["source"], "precision_bf16_speedup": choice.get("bf16_speedup")}
+
+
 def trainer_arguments(cfg, *, output_dir: str | Path, seed: int, precision: str, evaluate: bool) -> dict:
     """TrainingArguments fields every TRL config here shares, all from the stage's params section."""
     return dict(
@@ -301,8 +351,8 @@ def trainer_arguments(cfg, *, output_dir: str | Path, seed: int, precision: str,
         gradient_accumulation_steps=cfg.grad_accum,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # transformers refuses bf16 without a GPU unless told the CPU is meant (resolve_precision
-        # picks bf16 on a CPU only where it runs natively: AVX512-BF16 or AMX)
+        # transformers refuses bf16 without a GPU unless told the CPU is meant (precision: auto
+        # picks bf16 on a CPU only where it measured it clearly faster: tunepipe.precision)
         use_cpu=precision == "bf16" and not _cuda_available(),
         activation_checkpointing=cfg.gradient_checkpointing or cfg.method == "qlora",
         logging_strategy="steps",
@@ -552,7 +602,7 @@ def _sort_adapter_config(path: Path) -> None:
 # Figures of the machine or of the run's history, not of the model: they stay out of the
 # model folder's record, so the same training gives the same folder (and DVC reruns nothing after it).
 RUN_FIGURES = ("train_seconds", "tokens_per_second", "peak_rss_mib", "resumed_from_step", "code_sha256", "versions",
-               *BOOKKEEPING_KEYS)
+               "precision_source", "precision_bf16_speedup", *BOOKKEEPING_KEYS)
 
 
 def training_record(fingerprint: dict, summary: dict) -> dict:
