@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The export stage runs llama.cpp's own GGUF converter, vendored in this pinned sdist of
+# llama-cpp-python (nothing is compiled): only the converter, its conversion package and its
+# gguf-py are extracted. tunepipe/export.py pins the same version and a hash of those files.
+LLAMA_CPP_PYTHON := 0.3.36
+CONVERTER := $(VENV)/llama.cpp-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 # dvc.yaml runs `python -m stages.<name>`: make that python the venv's.
 export PATH := $(BIN):$(PATH)
 
@@ -19,7 +24,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(STAMP)
+$(CONVERTER): $(STAMP)
+	rm -rf $(VENV)/.sdist $(dir $@) && mkdir -p $(VENV)/.sdist $(dir $@)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(VENV)/.sdist llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(VENV)/.sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(dir $@) --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
+	rm -rf $(VENV)/.sdist
+
+setup: $(STAMP) $(CONVERTER)
 
 repro: setup
 	$(BIN)/dvc repro

@@ -20,6 +20,9 @@ Writes data/eval/<model>/ (replaced atomically):
   generations.jsonl  one row per SFT prompt: prompt, reference, output, length, stop
                      flags, task verdict, failure kinds, per-item ROUGE, ref_logp/ref_tokens
   preferences.jsonl  one row per pair: chosen/rejected log-probs and token counts, margin, correct
+                     (empty without preference data: fetch.preference.source none)
+  generation.json    the answer length limit used, and how it was chosen (evaluate.max_new_tokens:
+                     auto derives it from the training answers in data/templated/sft_train.jsonl)
 
 The figures with their intervals and the paired comparisons between models are the
 compare stage's (metrics/eval.json). Params: evaluate.* (not evaluate.models, which
@@ -32,7 +35,7 @@ import logging
 import time
 from pathlib import Path
 
-from tunepipe.artifacts import DataError, atomic_path, read_jsonl, write_jsonl
+from tunepipe.artifacts import DataError, atomic_path, read_jsonl, write_json, write_jsonl
 from tunepipe.cli import StageError, run_stage
 from tunepipe.params import Params
 
@@ -40,7 +43,8 @@ log = logging.getLogger("tunepipe.evaluate")
 
 TEMPLATED = Path("data/templated")
 TOKENIZER = Path("data/tokenized/tokenizer")
-MODEL_DIRS = {"base": Path("models/base"), "sft": Path("models/sft"), "final": Path("models/final")}
+MODEL_DIRS = {"base": Path("models/base"), "sft": Path("models/sft"), "final": Path("models/final"),
+              "export": Path("models/export")}  # export: the GGUF that ships, read back by transformers
 OUT = Path("data/eval")
 FIELDS = {"sft": ("prompt", "completion"), "pref": ("prompt", "chosen", "rejected")}
 DECIMALS = 4
@@ -70,7 +74,12 @@ def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
         if not path.is_dir():
             raise StageError(f"{path} is missing; it is needed to evaluate '{name}' (dvc repro first, "
                              "or drop it from evaluate.models)")
-    model = load_merged(start, adapters, tokenizer, trust_remote_code=trust_remote_code).eval()
+    if name == "export":  # its stop ids are those of the Hub folder beside the GGUF
+        from tunepipe.modeling import load_gguf_model
+
+        model, start = load_gguf_model(start, tokenizer).eval(), start / "hub"
+    else:
+        model = load_merged(start, adapters, tokenizer, trust_remote_code=trust_remote_code).eval()
     model.to(_device())
     # load_merged sets the tokenizer's EOS as the generation EOS; keep any other stop id the
     # model folder declares (Llama 3 stops on several).
@@ -84,15 +93,26 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def score_generations(name, model, stops, tokenizer, rows, cfg) -> list[dict]:
+def generation_limit(cfg, tokenizer) -> dict:
+    """evaluate.max_new_tokens, derived from the training answers when it is auto."""
+    from tunepipe.generation import answer_length_limit
+
+    if cfg.max_new_tokens != "auto":
+        return {"max_new_tokens": cfg.max_new_tokens, "derived": "evaluate.max_new_tokens"}
+    answers = [r["completion"] for r in read_jsonl(TEMPLATED / "sft_train.jsonl")]
+    limit, how = answer_length_limit(tokenizer, answers, cfg.max_new_tokens_cap)
+    return {"max_new_tokens": limit, "derived": how}
+
+
+def score_generations(name, model, stops, tokenizer, rows, cfg, max_new_tokens: int) -> list[dict]:
     """Per SFT test prompt: the answer, its checks and scores, and the reference's log-prob."""
     from tunepipe import metrics
     from tunepipe.generation import Decoding, generate
 
     prompts, refs = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     metas = [r.get("meta") or {} for r in rows]
-    gens = generate(model, tokenizer, prompts, Decoding.from_params(cfg), batch_size=cfg.batch_size,
-                    eos_token_ids=stops, desc=f"{name}: generate")
+    gens = generate(model, tokenizer, prompts, Decoding.from_params(cfg, max_new_tokens),
+                    batch_size=cfg.batch_size, eos_token_ids=stops, desc=f"{name}: generate")
     outputs = [g.text for g in gens]
     results = metrics.task_results(metas, outputs)
     _, rouge_items = metrics.rouge(outputs, refs)
@@ -100,6 +120,7 @@ def score_generations(name, model, stops, tokenizer, rows, cfg) -> list[dict]:
                                              desc=f"{name}: reference NLL")
     return [{
         "model": name, "id": row.get("id"), "family": meta.get("family"), "prompt": row["prompt"],
+        "instruction": row.get("instruction", row["prompt"]),
         "reference": ref, "output": g.text, "n_new_tokens": g.n_new_tokens, "stopped_at_eos": g.stopped_at_eos,
         "truncated": g.truncated, "task": result,
         "failures": metrics.failure_kinds(result if result != "pass" else None, g, ref, cfg.repeat_ngram),
@@ -149,14 +170,17 @@ def main(params: Params, model: str) -> None:
     lm, stops = load_for_eval(model, tokenizer, params.shared.trust_remote_code)
 
     # ---------------------------------------------------------------- evaluate
-    generations = score_generations(model, lm, stops, tokenizer, sft_rows, cfg)
-    preferences = score_preferences(model, lm, tokenizer, pref_rows, cfg)
+    limit = generation_limit(cfg, tokenizer)
+    log.info("max_new_tokens=%d (%s)", limit["max_new_tokens"], limit["derived"])
+    generations = score_generations(model, lm, stops, tokenizer, sft_rows, cfg, limit["max_new_tokens"])
+    preferences = score_preferences(model, lm, tokenizer, pref_rows, cfg) if pref_rows else []
     log.info("%s: %s (%.0f s)", model, _headline(generations, preferences), time.perf_counter() - started)
 
     # ---------------------------------------------------------------- save
     with atomic_path(OUT / model, is_dir=True) as tmp:
         write_jsonl(tmp / "generations.jsonl", generations)
         write_jsonl(tmp / "preferences.jsonl", preferences)
+        write_json(tmp / "generation.json", limit)
 
 
 def _headline(generations: list[dict], preferences: list[dict]) -> str:

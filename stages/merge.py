@@ -29,7 +29,7 @@ import yaml
 from tunepipe.artifacts import atomic_path, read_json
 from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (fit_embeddings, is_adapter_dir, load_model, load_tokenizer, set_cpu_threads,
-                               with_adapters_merged)
+                               skipped_reason, with_adapters_merged)
 from tunepipe.params import Params
 from tunepipe.training import TRAINING_RECORD
 
@@ -90,6 +90,8 @@ def merge_plan(base: Path, stage_dirs: list[Path]) -> tuple[Path, list[Path]]:
     """Where merging starts (the base, or the last fully fine-tuned stage) and the adapters after it."""
     start, adapters = base, []
     for d in stage_dirs:
+        if skipped_reason(d):
+            continue
         if is_adapter_dir(d):
             adapters.append(d)
         elif (d / "config.json").is_file():
@@ -154,20 +156,22 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
                if (path / TRAINING_RECORD).is_file()}
     trained = {name: record["params"] for name, record in records.items()}
     sft, dpo = trained.get("sft", {}), trained.get("dpo", {})
+    skipped = skipped_reason(STAGES["dpo"])
+    dpo_text = (f"DPO skipped ({skipped})" if skipped else
+                f"then DPO ({dpo.get('method')}, loss {dpo.get('loss_type')}, beta {dpo.get('beta')})")
     lines = [
         "---",
         yaml.safe_dump({"base_model": base.name, "library_name": "transformers", "pipeline_tag": "text-generation",
-                        "tags": ["tunepipe", "sft", "dpo", sft.get("method", "unknown")]},
+                        "tags": ["tunepipe", "sft", *([] if skipped else ["dpo"]), sft.get("method", "unknown")]},
                        sort_keys=False).strip(),
         "---",
         "",
-        f"# {base.name.split('/')[-1]}, fine-tuned with tunepipe (SFT + DPO)",
+        f"# {base.name.split('/')[-1]}, fine-tuned with tunepipe ({'SFT' if skipped else 'SFT + DPO'})",
         "",
         f"- Base model: `{base.name}` (source: {base.source}"
         + (f", revision {base.revision}" if base.revision else "")
         + (f", package {base.package}" if base.source == "gguf_package" else "") + ")",
-        f"- Training: SFT ({sft.get('method')}) then DPO ({dpo.get('method')}, "
-        f"loss {dpo.get('loss_type')}, beta {dpo.get('beta')}); adapters merged into "
+        f"- Training: SFT ({sft.get('method')}), {dpo_text}; adapters merged into "
         f"{'the full-precision base' if start == BASE else start} and saved in {params.merge.dtype}.",
         f"- Merge check: max |logit difference| merged vs base + adapters = {diff:.3g} "
         f"(limit {params.merge.check_atol}).",

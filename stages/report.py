@@ -12,10 +12,13 @@ generations or provenance files are noted in the report, not an error; missing
 metrics/eval.json is.
 
 Writes reports/ (one folder, replaced atomically):
-  report.md     the headline (final against the best trivial baseline), metrics table
-                (values with intervals, baselines, tested deltas), preference accuracy,
-                the forgetting guard, figures, sample generations side by side, error
-                analysis, params and hashes
+  report.md     the headline (final against the best trivial baseline; without a task
+                checker, final's scores against the references and its generation
+                health), what the test split's size can show (a warning when small),
+                metrics table (values with intervals, baselines, tested deltas),
+                preference accuracy (or why there is none: DPO skipped), the forgetting
+                guard, figures, sample generations side by side (the instruction as
+                written, the generation limit), error analysis, params and hashes
   report.html   the same, one file that opens from disk (figures embedded as base64 PNG)
   figures/      sft_loss.png, dpo_loss.png, dpo_rewards.png, skill_accuracy.png
 
@@ -83,12 +86,14 @@ def main(params: Params) -> None:
     if not models:
         raise StageError(f"{EVAL_METRICS} holds no model results; rerun the compare stage (dvc repro compare)")
     generations, missing = read_generations(models)
-    curves = {stage: reporting.read_curves(path) for stage, path in PLOTS.items()}
-    missing += [f"{path}/metrics (training curves)" for stage, path in PLOTS.items() if not curves[stage]]
     training = {stage: s for stage, path in TRAIN_SUMMARIES.items() if (s := read_optional_json(path))}
+    # a skipped DPO (no preference data) has no curves to miss; the report says why instead
+    trained = {stage: path for stage, path in PLOTS.items() if not (stage == "dpo" and reporting.dpo_skipped(training))}
+    curves = {stage: reporting.read_curves(path) for stage, path in trained.items()}
+    missing += [f"{path}/metrics (training curves)" for stage, path in trained.items() if not curves[stage]]
 
     # ---------------------------------------------------------------- figures
-    figures = reporting.training_figures(curves["sft"], curves["dpo"])
+    figures = reporting.training_figures(curves["sft"], curves.get("dpo", {}))
     skills = reporting.skill_figure(metrics, models)
     figures += [skills] if skills else []
 

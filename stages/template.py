@@ -39,7 +39,7 @@ def read_records(path: Path, answers: tuple[str, ...]) -> list[dict]:
     if not path.exists():
         raise StageError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
     records = read_jsonl(path)
-    if not records:
+    if not records and answers == KINDS["sft"]:  # empty preference files: fetch.preference.source none
         raise DataError(f"{path}: no records")
     for n, record in enumerate(records, 1):
         check_record(record, answers, f"{path}: record {n}")

@@ -6,7 +6,8 @@ Writes data/tokenized/ (one folder, replaced atomically):
   sft/        DatasetDict train/validation: input_ids (prompt + answer + EOS once),
               labels (-100 on the prompt unless tokenize.train_on_prompt), length
   pref/       DatasetDict train/validation: prompt, chosen, rejected strings (TRL
-              tokenizes them and appends the EOS); pairs over max_length dropped
+              tokenizes them and appends the EOS); pairs over max_length dropped.
+              Absent when there are no preference pairs (fetch.preference.source: none)
   tokenizer/  the tokenizer every later stage loads: pad != EOS, padding_side right
   info.json   pad / EOS / BOS ids, whether a pad was added, generation padding side
 and metrics/tokenize.json (kept / truncated / dropped counts and token-length
@@ -41,8 +42,6 @@ def read_templated(kind: str, split: str) -> tuple[Path, list[dict]]:
     if not path.exists():
         raise StageError(f"{path} is missing; run the template stage first (dvc repro template)")
     rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"{path}: no records")
     for n, row in enumerate(rows, 1):
         for key in COLUMNS[kind]:
             if not isinstance(row.get(key), str):
@@ -108,6 +107,13 @@ def main(params: Params) -> None:
 
     # ---------------------------------------------------------------- data
     inputs = {(kind, split): read_templated(kind, split) for kind in COLUMNS for split in SPLITS}
+    if not any(rows for (kind, _), (_, rows) in inputs.items() if kind == "pref"):
+        # fetch.preference.source: none. No pref/ folder: train-dpo sees there is nothing to train on.
+        log.info("no preference pairs: data/tokenized/pref is not written, DPO will be skipped")
+        inputs = {key: value for key, value in inputs.items() if key[0] != "pref"}
+    for path, rows in inputs.values():
+        if not rows:
+            raise DataError(f"{path}: no records")
 
     # ---------------------------------------------------------------- tokenizer
     from transformers import AutoTokenizer
@@ -143,10 +149,12 @@ def main(params: Params) -> None:
     info = {**pad, "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id, "prompt_bos_added": bos, "vocab_size": len(tokenizer),
             "padding_side": "right", "generation_padding_side": "left", "max_length": cfg.max_length,
-            "overlong": cfg.overlong, "train_on_prompt": cfg.train_on_prompt, "truncated_answers_end_with_eos": False}
+            "overlong": cfg.overlong, "train_on_prompt": cfg.train_on_prompt, "truncated_answers_end_with_eos": False,
+            "preference_pairs": bool(datasets["pref"])}
     with atomic_path(OUT, is_dir=True) as tmp:
         for kind in datasets:
-            DatasetDict(datasets[kind]).save_to_disk(str(tmp / kind))
+            if datasets[kind]:
+                DatasetDict(datasets[kind]).save_to_disk(str(tmp / kind))
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(tmp / "info.json", info)
     write_json(METRICS, {**metrics, "pad_token_id": pad["pad_token_id"], "eos_token_id": tokenizer.eos_token_id,

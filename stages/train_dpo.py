@@ -4,7 +4,8 @@
 
 Reads   data/tokenized/pref (prompt, chosen, rejected strings), data/tokenized/tokenizer,
         models/base, models/sft; params: shared.seed, shared.trust_remote_code, train_dpo
-Writes  models/dpo/ (a LoRA adapter trained on base+SFT merged; a whole model with method: full),
+Writes  models/dpo/ (a LoRA adapter trained on base+SFT merged; a whole model with method: full;
+        only skipped.json when there are no preference pairs: fetch.preference.source none),
         models/checkpoints/dpo/ (checkpoints + fingerprint.json, deleted once the model is saved),
         metrics/train_dpo.json and metrics/train_dpo/plots/ (DVCLive: loss, rewards, margins, accuracies)
 
@@ -19,13 +20,14 @@ import copy
 import logging
 from pathlib import Path
 
-from tunepipe.artifacts import write_json
+from tunepipe.artifacts import atomic_path, write_json
 from tunepipe.cli import StageError, run_stage
-from tunepipe.modeling import (load_for_training, load_tokenizer, resolve_precision, set_cpu_threads,
+from tunepipe.modeling import (SKIPPED, load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads,
                                trainable_parameters)
 from tunepipe.params import Params
-from tunepipe.training import (TrainingRun, finish_training, launch_processes, provenance, resume_point,
-                               save_trained, score_only_labelled_positions, trainer_arguments, training_record)
+from tunepipe.training import (TrainingRun, choose_precision, finish_training, keep_lora_deltas_in_fp32,
+                               launch_processes, provenance, resume_point, save_trained,
+                               score_only_labelled_positions, trainer_arguments, training_record)
 
 log = logging.getLogger("tunepipe.train_dpo")
 
@@ -41,17 +43,18 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 def main(params: Params) -> None:
     cfg, seed = params.train_dpo, params.shared.seed
+    if not read_tokenizer_info(TOKENIZED).get("preference_pairs", True):
+        return skip("no preference pairs (fetch.preference.source: none): the final model is the SFT model")
     for needed in (TOKENIZED / "pref", TOKENIZED / "tokenizer", BASE, SFT):
         if not needed.exists():
             raise StageError(f"{needed}: missing; run the earlier stages first (dvc repro)")
     resume, fingerprint = resume_point(CHECKPOINTS, cfg, seed, {"data/tokenized": TOKENIZED, "models/base": BASE, "models/sft": SFT})
     if launch_processes(params, "train_dpo", CHECKPOINTS):  # num_processes > 1: this stage again, under accelerate
         return
-    precision = resolve_precision(cfg.precision)
-
     from transformers import set_seed
 
-    set_cpu_threads()
+    set_cpu_threads()  # before the precision probe: it measures with the threads training gets
+    precision, precision_record = choose_precision(cfg.precision, BASE)
     set_seed(seed)  # before the model and adapter exist
 
     # ---- tokenizer
@@ -88,7 +91,7 @@ def main(params: Params) -> None:
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
     summary.update({k.replace("/", "_"): _round(last.get(k)) for k in REWARD_KEYS})
     summary.update({"eval_" + k.replace("/", "_"): _round(run.last_eval.get(k)) for k in REWARD_KEYS})
-    summary.update(method=cfg.method, precision=precision, loss_type=cfg.loss_type, beta=cfg.beta,
+    summary.update(method=cfg.method, precision=precision, **precision_record, loss_type=cfg.loss_type, beta=cfg.beta,
                    train_pairs=len(trainer.train_dataset))
     summary.update(provenance(fingerprint, cfg))
     if not save_trained(trainer, tokenizer if cfg.method == "full" else None, OUT,
@@ -98,6 +101,16 @@ def main(params: Params) -> None:
     finish_training(CHECKPOINTS)  # the model is saved: nothing is left to resume
     log.info("saved %s; final loss %s, reward accuracy %s (eval %s)", OUT, summary["train_loss"],
              summary["rewards_accuracies"], summary["eval_rewards_accuracies"])
+
+
+def skip(reason: str) -> None:
+    """No DPO: a models/dpo holding only the reason (merge passes over it), metrics that say so, no curves."""
+    log.warning("DPO skipped: %s", reason)
+    with atomic_path(OUT, is_dir=True) as tmp:
+        write_json(tmp / SKIPPED, {"skipped": reason})
+    with atomic_path(LIVE_DIR / "plots", is_dir=True):
+        pass  # an empty folder: the plots output of dvc.yaml must exist
+    write_json(METRICS, {"skipped": reason})
 
 
 def _round(value):
@@ -154,6 +167,8 @@ def build_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int, pr
     from trl import DPOConfig, DPOTrainer
 
     score_only_labelled_positions()
+    if precision == "bf16":
+        keep_lora_deltas_in_fp32()  # else bf16 measures policy - reference as ~0 and the loss barely moves
 
     args = DPOConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

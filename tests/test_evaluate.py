@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunepipe.artifacts import DataError, read_jsonl, write_jsonl
+from tunepipe.artifacts import DataError, read_json, read_jsonl, write_jsonl
 from tunepipe.cli import StageError
 from tunepipe.params import Params
 
@@ -75,7 +75,8 @@ def test_rows_for_every_prompt_and_pair(project):
             assert (g["id"], g["prompt"], g["reference"]) == (t["id"], t["prompt"], t["completion"])
             assert g["task"] in ("pass", "wrong_answer", "constraint_broken")
             assert (g["task"] != "pass") == any(f in ("wrong_answer", "constraint_broken") for f in g["failures"])
-            assert g["stopped_at_eos"] == ("no_stop" not in g["failures"])
+            assert g["stopped_at_eos"] == ({"no_stop", "truncated"}.isdisjoint(g["failures"]))
+            assert g["truncated"] == ("truncated" in g["failures"])  # cut by the limit: not "no_stop"
             assert 1 <= g["n_new_tokens"] <= 6 and g["ref_tokens"] >= 1
             assert g["ref_nll"] == pytest.approx(-g["ref_logp"] / g["ref_tokens"], abs=2e-4)
             assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(g)
@@ -119,3 +120,31 @@ def test_malformed_test_row_names_the_file_and_row(project):
     write_jsonl("data/templated/sft_test.jsonl", rows)
     with pytest.raises(DataError, match=r"sft_test.jsonl: row 2 .*'completion'"):
         run(params(), "base")
+
+
+def test_auto_answer_limit_comes_from_the_training_answers(project):
+    """max_new_tokens: auto sizes generation from the training references (95th percentile)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained("data/tokenized/tokenizer")
+    answers = [" ".join(["word"] * n) for n in range(1, 21)]  # 1..20 words
+    write_jsonl("data/templated/sft_train.jsonl", [{"id": str(i), "prompt": "p", "completion": a}
+                                                   for i, a in enumerate(answers)])
+    lengths = sorted(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    gens, _ = run(params(max_new_tokens="auto"), "base")
+    limit = read_json("data/eval/base/generation.json")
+    assert lengths[-2] * 1.25 + 8 <= limit["max_new_tokens"] <= lengths[-1] * 1.25 + 9
+    assert "95th percentile of 20 training answers" in limit["derived"]
+    assert max(g["n_new_tokens"] for g in gens) <= limit["max_new_tokens"]
+    run(params(max_new_tokens="auto", max_new_tokens_cap=5), "base")
+    assert read_json("data/eval/base/generation.json")["max_new_tokens"] == 5
+
+
+def test_instruction_as_written_and_no_preference_pairs(project):
+    """Rows carry the user's instruction (not the templated prompt); no pairs, no preference rows."""
+    tests = read_jsonl("data/templated/sft_test.jsonl")
+    write_jsonl("data/templated/pref_test.jsonl", [])
+    gens, prefs = run(params(), "final")
+    assert prefs == []
+    assert [g["instruction"] for g in gens] == [t["instruction"] for t in tests]
+    assert all("<|im_start|>" in g["prompt"] and "<|im_start|>" not in g["instruction"] for g in gens)

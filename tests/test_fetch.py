@@ -260,7 +260,8 @@ def test_fetch_from_local_files_records_skips_in_the_manifest(tiny_model_dir, tm
     rows = [{"instruction": f"Say {i}", "output": str(i)} for i in range(12)] + [{"instruction": "no output"}]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params_file = _params_file(tmp_path, tiny_model_dir, on_bad_row="skip",
-                               sft={"source": "local", "path": str(tmp_path / "sft.jsonl"), "format": "alpaca"})
+                               sft={"source": "local", "path": str(tmp_path / "sft.jsonl"), "format": "alpaca"},
+                               preference={"source": "none"})
     (tmp_path / "run").mkdir()
     _run_fetch(tmp_path / "run", params_file)
     manifest = json.loads((tmp_path / "run" / "data" / "raw" / "manifest.json").read_text())
@@ -278,7 +279,8 @@ def test_cli_help_and_a_bad_data_file_fail_fast_and_clearly(tiny_model_dir, tmp_
     assert "python -m stages.fetch" in _cli(["--help"], tmp_path).stdout
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     params_file = _params_file(tmp_path, tiny_model_dir,
-                               sft={"source": "local", "path": str(tmp_path / "bad.jsonl"), "format": "alpaca"})
+                               sft={"source": "local", "path": str(tmp_path / "bad.jsonl"), "format": "alpaca"},
+                               preference={"source": "none"})
     result = _cli(["--params", str(params_file)], tmp_path)
     assert result.returncode == 2
     assert "bad.jsonl:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr

@@ -164,7 +164,8 @@ def test_hub_source_loads_each_format_with_load_dataset(tmp_path):
         write_jsonl(repo / "train.jsonl", rows)
         role = "preference" if fmt == "hh_rlhf" else "sft"
         splits, info = load_data(DataSource(source="hub", id=str(repo), format=fmt), role, fetch, seed=0)
-        assert {k: len(v) for k, v in splits.items()} == {"train": 3, "val": 1, "test": 2}
+        # 20% of 6, within the quarter-of-the-rows cap
+        assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 1, "test": 1}
         ids = [r["id"] for s in splits.values() for r in s]
         assert len(set(ids)) == 6 and info["rows"]["kept"] == 6
 
@@ -176,7 +177,30 @@ def test_max_rows_takes_a_seeded_sample_and_splits_are_seeded(tmp_path):
     b, _ = load_data(local(path, "alpaca", max_rows=20), "sft", fetch, seed=1)
     c, _ = load_data(local(path, "alpaca", max_rows=20), "sft", fetch, seed=2)
     assert a == b and a != c and info["sampled"] == 20
-    assert sum(len(v) for v in a.values()) == 20 and len(a["val"]) == 1 and len(a["test"]) == 1
+    # the minimum held-out sizes, capped at a quarter of the 20 rows each
+    assert sum(len(v) for v in a.values()) == 20 and len(a["val"]) == 5 and len(a["test"]) == 5
+
+
+@pytest.mark.parametrize("n_rows, fraction, minimum, expected", [
+    (144, 0.05, 50, 36),    # 5% would be 8 prompts; the minimum is capped at a quarter of the rows
+    (400, 0.05, 50, 50),    # the minimum
+    (4000, 0.05, 50, 200),  # the fraction
+    (5, 0.05, 50, 1),
+])
+def test_held_out_sizes(n_rows, fraction, minimum, expected):
+    from tunepipe.sources import held_out
+
+    assert held_out(n_rows, fraction, minimum) == expected
+
+
+def test_no_preference_data_gives_empty_splits_and_own_sft_refuses_generated_pairs(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"I{i}", "output": f"O{i}"} for i in range(50)])
+    splits, _ = load_data(DataSource(source="none"), "preference", Fetch(), seed=0)
+    assert splits == {"train": [], "val": [], "test": []}
+    with pytest.raises(ValueError, match="fetch.preference.source=none"):
+        Fetch(sft=local(path, "alpaca"))
+    Fetch(sft=local(path, "alpaca"), allow_generated_preferences=True)
+    Fetch(sft=local(path, "alpaca"), preference=DataSource(source="none"))
 
 
 # --------------------------------------------------------------------------- bad rows

@@ -105,7 +105,7 @@ def test_a_local_data_file_is_a_dependency_of_fetch(project):
     data = root / "mydata.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     original = set_params(root, fetch__sft__source="local", fetch__sft__path="mydata.jsonl",
-                          fetch__sft__format="alpaca")
+                          fetch__sft__format="alpaca", fetch__preference__source="none")
     try:
         dvc_log(root, env, "repro", "-s", "fetch")
         assert "fetch" not in dvc_status(root, env)
@@ -153,4 +153,5 @@ def test_a_fresh_clone_pulls_the_run_cache_and_reruns_only_what_changed(project,
     dvc_log(clone, env, "repro", "train-sft")
     set_params(clone, evaluate__max_new_tokens=6)
     log = dvc_log(clone, env, "repro", "--pull")
-    assert ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@final", "compare", "report"}
+    # export follows evaluate@final: its Hub model card shows final's evaluation
+    assert ran(log) == {"evaluate@base", "evaluate@sft", "evaluate@final", "compare", "export", "report"}

@@ -90,7 +90,14 @@ def test_failure_kinds_on_crafted_answers():
     assert metrics.failure_kinds(None, gen(rambling), ref, 3) == ["too_long"]
     looping = gen("42 is it. 42 is it. 42 is it.", eos=False, truncated=True)
     assert metrics.failure_kinds("constraint_broken", looping, ref, 3) == \
-        ["constraint_broken", "repetitive", "no_stop"]
+        ["constraint_broken", "repetitive", "truncated"]
+
+
+def test_an_answer_cut_by_the_limit_is_truncated_not_no_stop():
+    ref = "42"
+    assert metrics.failure_kinds(None, gen("42 and", eos=False, truncated=True), ref, 3) == ["truncated"]
+    # no EOS and under the limit (a stop id the loop does not know): that is "no_stop"
+    assert metrics.failure_kinds(None, gen("42 and", eos=False, truncated=False), ref, 3) == ["no_stop"]
 
 
 # --------------------------------------------------------------------------- task accuracy

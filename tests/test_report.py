@@ -278,7 +278,8 @@ def test_samples_side_by_side_and_error_analysis(project):
               and "Question" not in line and not line.startswith("| rejected") and "/" not in line}
     assert counts["wrong answer"] == ["1", "0", "1"]
     assert counts["constraint broken"] == ["1", "1", "0"]
-    assert counts["no stop"] == ["1", "0", "0"]
+    assert counts["no stop (before the limit)"] == ["1", "0", "0"]  # no EOS, not cut by the limit
+    assert counts["truncated (at the generation limit)"] == ["0", "0", "0"]
     # one example each, taken from the final model where it has one
     assert "**wrong answer** (final, t1)" in errors
     assert "**repetitive** (base, t2)" in errors
@@ -344,3 +345,138 @@ def test_prompt_tail_starts_at_a_line_and_blank_answers_are_named():
     assert reporting.prompt_tail("short prompt") == "short prompt"
     assert reporting.shown("") == "(empty)" and reporting.shown("\n\n") == "(whitespace only)"
     assert reporting.shown(" 42") == " 42"
+
+
+# --------------------------------------------------------------------------- a user's own free-text data
+
+
+def free_metrics(n_items: int) -> dict:
+    """eval.json of a run on free-text data: no checker (no task figures, no baselines), no preference
+    pairs (DPO skipped), the test split's size and the generation limit."""
+    from tunepipe.stats import test_size_note
+
+    def model(rouge, eos, cut):
+        return {**with_ci(rougeL=rouge, bleu=rouge / 2, perplexity=8.0, eos_rate=eos, truncated_rate=cut,
+                          repeat_rate=0.125, mean_new_tokens=50.0), "n_prompts": n_items, "n_pairs": 0, "n_checked": 0}
+
+    return {"models": list(MODELS), "base": model(0.2, 0.5, 0.5), "sft": model(0.3, 0.75, 0.25),
+            "final": model(0.31, 0.875, 0.125),
+            "comparisons": {"final_vs_base": {**delta("rougeL", 0.11, 0.04, True),
+                                              **delta("eos_rate", 0.375, 0.2, False)}},
+            "headline": {}, "settings": {"confidence": 0.95, "alpha": 0.05, "bootstrap_resamples": 1000},
+            "test_size": test_size_note(n_items),
+            "generation": {"max_new_tokens": 69,
+                           "derived": "95th percentile of training answers (41 tokens) x 1.5 + 8"}}
+
+
+def free_row(model, i, output, failures, truncated=False):
+    """A generations.jsonl row without a task verdict, with the instruction as the user wrote it."""
+    instruction = f"Give three tips for staying healthy, number {i} & <more>."
+    return {"model": model, "id": f"a{i}", "family": None, "instruction": instruction,
+            "prompt": f"<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n{instruction}<|im_end|>\n"
+                      "<|im_start|>assistant\n", "reference": f"1. Eat well. 2. Sleep. 3. Move ({i}).",
+            "output": output, "n_new_tokens": 69 if truncated else 20, "stopped_at_eos": not truncated,
+            "truncated": truncated, "task": None, "failures": failures, "rougeL": 0.3, "ref_nll": 2.0}
+
+
+FREE_GENERATIONS = [
+    free_row("base", 0, "Eat, eat, eat, eat and", ["repetitive", "truncated"], truncated=True),
+    free_row("base", 1, "Sleep more and", ["no_stop"], truncated=True),  # a file from before "truncated" existed
+    free_row("sft", 0, "1. Eat well.", []), free_row("sft", 1, "1. Sleep.", []),
+    free_row("final", 0, "1. Eat well. 2. Sleep.", []), free_row("final", 1, "1. Sleep. 2. Walk.", []),
+]
+
+
+@pytest.fixture
+def free_text(project):
+    """The project as a user's own data leaves it: 8 free-text test prompts, no checker, DPO skipped."""
+    import shutil
+
+    Path("metrics/eval.json").write_text(json.dumps(free_metrics(8)))
+    for m in MODELS:
+        Path(f"data/eval/{m}/generations.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in FREE_GENERATIONS if r["model"] == m))
+    Path("metrics/train_dpo.json").write_text(json.dumps({"skipped": "no preference pairs in the data"}))
+    shutil.rmtree("metrics/train_dpo")
+    return project
+
+
+def reports() -> tuple[str, str]:
+    run_report()
+    return Path("reports/report.md").read_text(), Path("reports/report.html").read_text()
+
+
+def test_without_a_checker_reference_scores_lead_and_no_verdicts(free_text):
+    md, page = reports()
+    for text in (md, page):
+        assert "checker's verdict" not in text and "✓" not in text and "✗" not in text
+        assert "task_accuracy" not in text and "wrong answer" not in text and "per-skill accuracy" not in text
+    headline = md.splitlines()[2]
+    assert headline.startswith("**final, scored against the reference answers (no task checker): ROUGE-L 0.310")
+    assert "stopped at EOS 87.5%" in headline and "truncated 12.5%" in headline
+    table = md.split("## Metrics (test split)")[1].split("\n## ")[0]
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert names[:6] == ["rougeL ↑", "bleu ↑", "perplexity ↓", "eos_rate ↑", "truncated_rate ↓",
+                         "repeat_rate ↓"]
+    assert "0 checked" not in md
+
+
+def test_samples_show_the_instruction_with_the_templated_prompt_on_click(free_text):
+    md, page = reports()
+    samples = md.split("## Sample generations")[1].split("## Error analysis")[0]
+    assert "Give three tips for staying healthy, number 0 &amp; &lt;more&gt;." in samples
+    assert "im_start" not in samples and "You are helpful" not in samples
+    assert ("<td class='text'>Give three tips for staying healthy, number 0 &amp; &lt;more&gt;.<details><summary>"
+            "templated prompt</summary><pre>&lt;|im_start|&gt;system\nYou are helpful.") in page
+    assert "<th>instruction</th>" in page and "prompt (end)" not in page
+
+
+def test_samples_without_an_instruction_fall_back_to_the_prompt(project):
+    md, page = reports()
+    samples = md.split("## Sample generations")[1].split("## Error analysis")[0]
+    assert "Question 0?" in samples
+    assert "✓ / ✗: the task checker's verdict." in samples  # with a checker the legend stays
+    assert "<details><summary>templated prompt</summary><pre>&lt;|im_start|&gt;user\nQuestion 0?" in page
+
+
+def test_an_answer_cut_by_the_limit_is_shown_as_truncated(free_text):
+    md, page = reports()
+    samples = md.split("## Sample generations")[1].split("## Error analysis")[0]
+    assert "Eat, eat, eat, eat and<br>[truncated at 69 tokens]" in samples
+    assert "Answers generated with max_new_tokens = 69 (95th percentile of training answers (41 tokens) x 1.5 + 8)." \
+        in samples
+    errors = md.split("## Error analysis")[1].split("## Provenance")[0]
+    # both cut answers count as truncated, the old file's "no_stop" one too
+    assert md_row(errors, "| truncated at 69 tokens") == ["truncated at 69 tokens", "2", "0", "0"]
+    assert md_row(errors, "| no stop") == ["no stop (before the limit)", "0", "0", "0"]
+    assert "**truncated at 69 tokens** (base, a0)" in errors
+    assert "<td>truncated at 69 tokens</td>" in page and "[truncated at 69 tokens]" in page
+
+
+def test_a_small_test_split_is_a_warning_a_large_one_a_note(free_text):
+    md, page = reports()
+    warning = ("Only 8 test prompts: no difference under 75 points can be significant, and each figure is known "
+               "to ±28.5 points. Add data or raise fetch.min_test_rows.")
+    assert md.splitlines()[4] == f"> ⚠️ **{warning}**"  # right under the headline
+    assert f"<p class='warning'>⚠️ <b>{warning}</b></p>" in page
+    Path("metrics/eval.json").write_text(json.dumps(free_metrics(200)))
+    md, page = reports()
+    assert "Only " not in md and "class='warning'" not in page
+    note = ("200 test prompts: differences under 3 points cannot be significant; each rate is known to about "
+            "±6.9 points.")
+    assert f"_{note}_" in md and f"<p class='muted'>{note}</p>" in page
+
+
+def test_an_old_eval_json_gets_the_test_size_from_its_counts(project):
+    md, _ = reports()
+    assert "Only 4 test prompts: no difference under 100 points can be significant" in md
+
+
+def test_skipped_dpo_is_said_with_no_preference_section(free_text):
+    md, page = reports()
+    assert "_DPO skipped: no preference pairs in the data_" in md
+    assert "<p class='muted'>DPO skipped: no preference pairs in the data</p>" in page
+    assert "_No preference data: preference accuracy not measured._" in md
+    assert "Preference accuracy (test pairs)" not in md + page and "DPO reward accuracy" not in md + page
+    assert "metrics/train_dpo/plots" not in md  # not "missing": there is nothing to miss
+    assert sorted(p.name for p in Path("reports/figures").iterdir()) == ["sft_loss.png"]

@@ -141,3 +141,40 @@ def test_compare_proportions_uses_mcnemar_for_the_p_value():
     assert got["delta"] == pytest.approx(6 / 18)
     assert got["p_value"] == pytest.approx(112 / 1024) and (got["a_only"], got["b_only"]) == (8, 2)
     assert got["ci_low"] < 6 / 18 < got["ci_high"]
+
+
+# --------------------------------------------------------------------------- what a test split can show
+
+
+@pytest.mark.parametrize("alpha,d", [(0.05, 6), (0.01, 8), (0.1, 5), (0.0625, 6), (1.0, 2)])
+def test_mcnemar_min_discordant_is_the_first_significant_one_way_split(alpha, d):
+    # d discordant pairs all one way: the exact two-sided p-value is 2 / 2^d; d - 1 would not do
+    assert stats.mcnemar_min_discordant(alpha) == d
+    assert stats.mcnemar_exact([1] * d, [0] * d)["p_value"] < alpha
+    assert stats.mcnemar_exact([1] * (d - 1), [0] * (d - 1))["p_value"] >= alpha
+
+
+def test_test_size_note_for_eight_items_is_small():
+    note = stats.test_size_note(8)
+    assert note["n_items"] == 8 and note["small"] is True
+    assert note["min_significant_pts"] == pytest.approx(100 * 6 / 8)
+    low, high = wilson_closed_form(4, 8, 0.95)  # 4 of 8: the Wilson interval at 50%
+    assert note["wilson_halfwidth_pts"] == pytest.approx(100 * (high - low) / 2)
+    assert note["wilson_halfwidth_pts"] == pytest.approx(28.48, abs=0.01)
+
+
+@pytest.mark.parametrize("n,min_pts,small", [(0, 100.0, True), (3, 100.0, True), (29, 600 / 29, True),
+                                             (30, 20.0, True), (49, 600 / 49, True), (50, 12.0, False),
+                                             (200, 3.0, False)])
+def test_test_size_note_caps_at_100_points_and_flags_small_splits(n, min_pts, small):
+    note = stats.test_size_note(n)
+    assert note["min_significant_pts"] == pytest.approx(min_pts) and note["small"] is small
+
+
+def test_test_size_note_follows_alpha_and_confidence():
+    strict = stats.test_size_note(40, alpha=0.01, confidence=0.99)
+    assert strict["min_significant_pts"] == pytest.approx(100 * 8 / 40)
+    low, high = wilson_closed_form(20, 40, 0.99)
+    assert strict["wilson_halfwidth_pts"] == pytest.approx(100 * (high - low) / 2)
+    with pytest.raises(ValueError, match="alpha"):
+        stats.test_size_note(40, alpha=0)

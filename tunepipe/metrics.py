@@ -6,7 +6,7 @@ Text metrics (no model):
     bleu_item_stats(preds, refs)  -> per-item n-gram counts; bleu_from_stats(their sum) == bleu(...),
                                      so a bootstrap can resample items without re-tokenizing
     health(generations, n)        -> mean length, EOS / repeat / truncation rates
-    failure_kinds(verdict, gen, ref, n) -> e.g. ["wrong_answer", "no_stop"]
+    failure_kinds(verdict, gen, ref, n) -> e.g. ["wrong_answer", "truncated"]
     task_accuracy(metas, results) -> overall and per-family accuracy from tasks.check
 
 Model scores (torch imported on use):
@@ -34,9 +34,12 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TOO_LONG_FACTOR = 3.0
 TOO_LONG_SLACK = 12
 
-# Failure kinds, in the order the report lists them. The first two come from
-# tasks.check; the others from the generation itself.
-FAILURE_KINDS = ("wrong_answer", "constraint_broken", "too_long", "repetitive", "no_stop")
+# Failure kinds, in the order the report lists them. CHECKER_KINDS come from
+# tasks.check; the others from the generation itself. "truncated": cut by
+# max_new_tokens (a limit too low for the answers, or a model that rambles on);
+# "no_stop": ended without EOS before the limit (Generation.truncated is False).
+CHECKER_KINDS = ("wrong_answer", "constraint_broken")
+FAILURE_KINDS = CHECKER_KINDS + ("too_long", "repetitive", "truncated", "no_stop")
 
 
 # --------------------------------------------------------------------------- text overlap
@@ -157,7 +160,9 @@ def failure_kinds(task_result: Optional[str], gen, reference: str, repeat_ngram:
         found.add("too_long")
     if has_repeated_ngram(gen.text, repeat_ngram):
         found.add("repetitive")
-    if not gen.stopped_at_eos:
+    if gen.truncated:
+        found.add("truncated")
+    elif not gen.stopped_at_eos:
         found.add("no_stop")
     return [k for k in FAILURE_KINDS if k in found] + sorted(found - set(FAILURE_KINDS))
 

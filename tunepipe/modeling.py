@@ -35,6 +35,7 @@ log = logging.getLogger("tunepipe.modeling")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 ADAPTER_CONFIG = "adapter_config.json"
+SKIPPED = "skipped.json"  # a training stage's whole output when it had nothing to train on
 
 
 # --------------------------------------------------------------------------- loading
@@ -138,6 +139,16 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def skipped_reason(path: str | Path) -> Optional[str]:
+    """Why a training stage trained nothing (its output folder holds only skipped.json), or None."""
+    marker = Path(path) / SKIPPED
+    if not marker.is_file():
+        return None
+    from tunepipe.artifacts import read_json
+
+    return read_json(marker)["skipped"]
+
+
 def with_adapters_merged(model, adapter_dirs: Iterable[str | Path]) -> "PreTrainedModel":
     """Load each PEFT adapter in order and merge it into the weights (base + SFT + DPO composes)."""
     from peft import PeftModel
@@ -167,6 +178,25 @@ def load_merged(base_dir: str | Path, stage_dirs: Iterable[str | Path], tokenize
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     return with_adapters_merged(model, stage_dirs)
+
+
+def load_gguf_model(folder: str | Path, tokenizer=None) -> "PreTrainedModel":
+    """The causal LM in the one .gguf file of ``folder`` (models/export), as transformers' GGUF
+    reader loads it: dequantized to float32, so it computes what the exported weights hold."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) != 1:
+        raise StageError(f"{folder}: expected one .gguf file, found {len(found)} (run the export stage)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=found[0].name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{found[0]}: transformers cannot read the GGUF: {exc}") from None
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
+    return model
 
 
 # --------------------------------------------------------------------------- compute
@@ -215,29 +245,16 @@ def _busy_cores(cores: int, interval: float = 0.5) -> float:
 # --------------------------------------------------------------------------- training setup
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> the fastest safe precision here: bf16 on CUDA GPUs and CPUs with native bf16, else fp32.
+def resolve_precision(precision: str, model_dir: Optional[str | Path] = None) -> str:
+    """``auto`` -> the precision this machine trains fastest in: bf16 on CUDA GPUs with bf16; on a CPU,
+    bf16 autocast only where a short measurement at the model's shapes finds it clearly faster
+    (tunepipe.precision, which also says why: ``choose`` returns the measured ratio).
 
-    Measured on this project's 2-core AVX2 CPU (no AVX512-BF16/AMX), bf16 autocast is
-    far slower than fp32 (bf16 matmuls are emulated), so such CPUs train in fp32.
+    CPU flags do not tell: two CPUs with AVX512-BF16 ran bf16 matmuls at 4.2x and 0.59x fp32.
     """
-    import torch
+    from tunepipe.precision import choose
 
-    if precision == "auto":
-        if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise StageError("precision: fp16 needs a CUDA GPU; use fp32 or auto on CPU")
-    return precision
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return choose(precision, model_dir)["precision"]
 
 
 def lora_config(cfg: "TrainCommon"):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 PARAMS_FILE = Path(os.environ.get("TUNEPIPE_PARAMS", "params.yaml"))
 
@@ -84,7 +85,8 @@ class RowFilter(Section):
 
 
 class DataSource(Section):
-    source: Literal["generated", "hub", "local"] = "generated"
+    # none: no data of this role (fetch.preference only: no preference pairs, DPO is skipped)
+    source: Literal["generated", "hub", "local", "none"] = "generated"
     id: Optional[str] = Field(None, description="Hub data set id (source=hub)")
     config: Optional[str] = Field(None, description="Hub data set config name")
     revision: Optional[str] = Field(None, description="pinned Hub revision")
@@ -106,7 +108,7 @@ class DataSource(Section):
             raise ValueError("source=hub needs 'id' (a Hub data set id)")
         if self.source == "local" and self.path == TRACKED_PLACEHOLDER:
             raise ValueError("source=local needs 'path' (a file or folder in the repository)")
-        if self.source != "generated" and self.format is None:
+        if self.source in ("hub", "local") and self.format is None:
             raise ValueError(f"source={self.source} needs 'format' (one of {list(DataFormat.__args__)})")
         return self
 
@@ -130,10 +132,23 @@ class Fetch(Section):
     generated: Generated = Generated()
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out for validation when a source has one split")
     test_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out for testing when a source has one split")
+    min_test_rows: int = Field(50, ge=1, description="held-out test rows at least (never more than a quarter "
+                                                     "of the rows) when a source has one split")
+    min_val_rows: int = Field(16, ge=1, description="held-out validation rows at least (never more than a quarter)")
     on_bad_row: Literal["error", "skip"] = Field("error", description="malformed rows: stop naming file and row, or skip and count")
+    allow_generated_preferences: bool = Field(
+        False, description="train DPO on the project's generated pairs after SFT on your own data")
 
     @model_validator(mode="after")
     def _formats_fit(self):
+        if self.sft.source == "none":
+            raise ValueError("sft.source=none: the pipeline needs SFT data (generated, hub or local)")
+        if (self.sft.source != "generated" and self.preference.source == "generated"
+                and not self.allow_generated_preferences):
+            raise ValueError(
+                "preference.source is 'generated' (the project's arithmetic/text task pairs) but sft is your own "
+                "data: DPO on pairs unrelated to your data says nothing about it. Fix: -S fetch.preference.source=none "
+                "(no DPO), point fetch.preference at your own pairs, or -S fetch.allow_generated_preferences=true")
         pref_formats = {"preference", "hh_rlhf"}
         if self.sft.format in pref_formats:
             raise ValueError(f"sft.format={self.sft.format} is a preference format")
@@ -246,15 +261,44 @@ class Merge(Section):
     check_prompts: int = Field(4, gt=0)
 
 
+class Export(Section):
+    """The export stage (stages/export.py, tunepipe/export.py): GGUF, Ollama Modelfile, Hub folder."""
+
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="GGUF tensor type; the ones llama.cpp's converter writes without a compiled binary")
+    check_prompts: int = Field(3, gt=0, description="test prompts of the round trip (GGUF read back vs models/final)")
+    check_new_tokens: int = Field(16, gt=0, description="greedy tokens compared per round-trip prompt")
+    check_atol: Optional[float] = Field(None, gt=0, description="max |logit difference| GGUF vs models/final; "
+                                                              "None: the type's own (tunepipe/export.py GGUF_TYPES)")
+    llama_cpp: Literal["auto", "require", "off"] = Field(
+        "auto", description="also generate with a compiled llama.cpp (the llama-cpp-python package): auto = "
+                            "when installed, require = fail without it, off = never")
+    license: Optional[str] = Field("apache-2.0", description="licence id in the Hub model card (the base model's)")
+    push_to_hub: Optional[str] = Field(None, description="upload to this Hub repo id (owner/name), token from "
+                                                        "$HF_TOKEN only; None: no upload")
+    private: bool = Field(True, description="push_to_hub: create the Hub repo private")
+
+    @model_validator(mode="after")
+    def _repo_id(self):
+        if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
+            raise ValueError(f"push_to_hub must be a Hub repo id 'owner/name' (got {self.push_to_hub!r})")
+        return self
+
+
 # --------------------------------------------------------------------------- evaluate / report
 
 
 class Evaluate(Section):
-    models: list[Literal["base", "sft", "final"]] = Field(default_factory=lambda: ["base", "sft", "final"], min_length=1)
+    models: list[Literal["base", "sft", "final", "export"]] = Field(
+        default_factory=lambda: ["base", "sft", "final"], min_length=1,
+        description="models evaluated, one stage each; export: the GGUF of the export stage read back by transformers")
     max_examples: Optional[int] = Field(None, gt=0, description="cap on test examples (None: the whole test split)")
     batch_size: int = Field(48, gt=0, description="prompts generated / sequences scored together; "
                                                 "on CPU larger batches are much faster (fewer decoding steps)")
-    max_new_tokens: int = Field(48, gt=0)
+    max_new_tokens: Union[PositiveInt, Literal["auto"]] = Field(
+        "auto", description="answer length limit in tokens; auto: from the training answers' lengths "
+                            "(95th percentile x 1.25 + 8), at most max_new_tokens_cap")
+    max_new_tokens_cap: int = Field(384, gt=0, description="upper limit of max_new_tokens: auto")
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -329,6 +373,7 @@ class Params(Section):
     compare: Compare = Compare()
     report: Report = Report()
     forgetting: Forgetting = Forgetting()
+    export: Export = Export()
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,6 +9,7 @@ per model ``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``; ``baseline_<n
     figures = training_figures(sft_curves, dpo_curves) + [skill_figure(metrics, models)]
     rows = metric_rows(metrics, models)                       # values with intervals, baselines, deltas
     fmt_delta("task_accuracy", delta)                         # "+21.9 pts (p<0.001) *"
+    has_checker(report)   # False on free-text data: reference scores and health lead, no ✓ / ✗
     md, page = render_markdown(report), render_html(report)
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tunepipe.metrics import FAILURE_KINDS
+from tunepipe.metrics import CHECKER_KINDS, FAILURE_KINDS
 
 # Metrics where a smaller value is the better one; every other metric: larger is better.
 LOWER_IS_BETTER = {"perplexity", "nll", "repeat_rate", "truncated_rate"}
@@ -37,13 +38,19 @@ METRIC_ORDER = ("task_accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum", "ble
 PERCENT = {"task_accuracy", "pref_accuracy", "pref_accuracy_norm", "eos_rate", "repeat_rate", "truncated_rate"}
 PERCENT_PREFIXES = ("acc_", "pref_acc_")
 CI = ("_ci_low", "_ci_high")
-NOT_MODELS = {"models", "comparisons", "headline", "settings"}
+NOT_MODELS = {"models", "comparisons", "headline", "settings", "test_size", "generation"}
+# Without a task checker (free-text answers) these lead: overlap with the reference, its
+# likelihood, then generation health; with labels for the headline.
+REFERENCE_FIRST = (("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("perplexity", "reference perplexity"),
+                   ("nll", "reference NLL"), ("eos_rate", "stopped at EOS"), ("truncated_rate", "truncated"),
+                   ("repeat_rate", "repetitive"))
 PREF_NOTE = ("Per token (length-normalised) first: it compares the mean log-prob per token of the chosen and "
              "the rejected answer. The summed log-prob prefers the shorter answer whatever it says, so a "
              "rambling or looping rejected answer loses by its length alone.")
 PARAMS_HEADING = "Params (params.yaml as validated, defaults filled in)"
 FAILURE_LABELS = {"wrong_answer": "wrong answer", "constraint_broken": "constraint broken",
-                  "too_long": "too long", "repetitive": "repetitive", "no_stop": "no stop"}
+                  "too_long": "too long", "repetitive": "repetitive", "no_stop": "no stop (before the limit)"}
+NO_PREFERENCES = "No preference data: preference accuracy not measured."
 
 
 @dataclass
@@ -112,20 +119,27 @@ def paired_delta(comparison: dict, metric: str) -> Optional[dict]:
             "significant": bool(comparison.get(f"{metric}_significant"))}
 
 
-def table_metrics(metrics: dict, models: list[str]) -> list[str]:
-    """The main table's metrics: headline ones in METRIC_ORDER, then per-family accuracies, then the
-    rest; not intervals, counts or per-rejected-kind preference accuracies (their own section)."""
+def table_metrics(metrics: dict, models: list[str], checker: bool = True) -> list[str]:
+    """The main table's metrics: headline ones in METRIC_ORDER (without a checker: REFERENCE_FIRST,
+    and no task figures), then per-family accuracies, then the rest; not intervals, counts or
+    per-rejected-kind preference accuracies (their own section)."""
     keys = {k for m in models for k, v in metrics.get(m, {}).items()
-            if _num(v) and not k.endswith(CI) and not k.startswith("pref_acc_") and k not in COUNTS}
-    names = [m for m in METRIC_ORDER if m in keys]
+            if _num(v) and not k.endswith(CI) and not k.startswith("pref_acc_") and k not in COUNTS
+            and (checker or not is_task_metric(k))}
+    order = METRIC_ORDER if checker else tuple(k for k, _ in REFERENCE_FIRST) + METRIC_ORDER
+    names = list(dict.fromkeys(m for m in order if m in keys))
     return names + sorted(keys - set(names), key=lambda m: (not m.startswith("acc_"), m))
 
 
-def metric_rows(metrics: dict, models: list[str]) -> list[dict]:
+def is_task_metric(metric: str) -> bool:
+    return metric == "task_accuracy" or metric.startswith("acc_")
+
+
+def metric_rows(metrics: dict, models: list[str], checker: bool = True) -> list[dict]:
     """One row per metric: each model's and baseline's (value, low, high), and each comparison's delta."""
     comparisons = comparison_names(metrics, models)
     rows = []
-    for name in table_metrics(metrics, models):
+    for name in table_metrics(metrics, models, checker):
         rows.append({
             "metric": name, "direction": direction(name),
             "values": {m: estimate(metrics.get(m, {}), name) for m in models},
@@ -207,22 +221,91 @@ def settings(metrics: dict) -> dict:
             "bootstrap_resamples": got.get("bootstrap_resamples")}
 
 
-def headline(metrics: dict) -> str:
-    h = metrics.get("headline") or {}
+def has_checker(r: "Report") -> bool:
+    """Whether any answer has a task checker's verdict (the generated tasks do; a user's own free-text
+    data does not). Without generations, whether eval.json has a task accuracy."""
+    if r.generations:
+        return any(row.get("task") is not None for row in r.generations)
+    return any("task_accuracy" in r.metrics.get(m, {}) for m in r.models)
+
+
+def headline(r: "Report") -> str:
+    h = r.metrics.get("headline") or {}
     if h.get("text"):
         return h["text"]
-    return "No task accuracy to set against trivial baselines (the test items have no checker)."
+    if not has_checker(r):
+        return reference_headline(r)
+    return "No trivial baseline to set the task accuracy against."
+
+
+def reference_headline(r: "Report") -> str:
+    """Without a checker nothing says right or wrong: the last model's scores against the reference
+    answers and its generation health lead instead."""
+    model = r.models[-1]
+    got = r.metrics.get(model, {})
+    scores = [f"{label} {fmt_estimate(k, estimate(got, k))}" for k, label in REFERENCE_FIRST if _num(got.get(k))]
+    return f"{model}, scored against the reference answers (no task checker): " + ("; ".join(scores) or "–") + "."
+
+
+def split_size(r: "Report") -> Optional[dict]:
+    """eval.json's "test_size"; for a file written before compare added it, worked out from n_prompts."""
+    got = r.metrics.get("test_size")
+    if isinstance(got, dict) and _num(got.get("n_items")):
+        return got
+    counts = [r.metrics[m]["n_prompts"] for m in r.models if _num(r.metrics.get(m, {}).get("n_prompts"))]
+    if not counts:
+        return None
+    from tunepipe.stats import test_size_note
+
+    s = settings(r.metrics)
+    return test_size_note(int(max(counts)), s["alpha"], s["confidence"])
+
+
+def split_size_note(r: "Report") -> tuple[str, bool]:
+    """(what the test split's size allows, whether it is small enough to warn); ("", False) when unknown."""
+    t = split_size(r)
+    if t is None:
+        return "", False
+    n, low, pm = t["n_items"], _pts(t.get("min_significant_pts")), _pts(t.get("wilson_halfwidth_pts"))
+    if t.get("small"):
+        return (f"Only {n} test prompts: no difference under {low} points can be significant, and each figure "
+                f"is known to ±{pm} points. Add data or raise fetch.min_test_rows."), True
+    return (f"{n} test prompts: differences under {low} points cannot be significant; each rate is known to "
+            f"about ±{pm} points."), False
+
+
+def _pts(v) -> str:
+    """Points with one decimal, "75" rather than "75.0"."""
+    return f"{v:.1f}".removesuffix(".0") if _num(v) else "?"
+
+
+def generation_line(metrics: dict) -> str:
+    """How long answers could be, and how the limit was chosen (eval.json "generation")."""
+    g = metrics.get("generation")
+    if not isinstance(g, dict) or not _num(g.get("max_new_tokens")):
+        return ""
+    how = f" ({g['derived']})" if g.get("derived") else ""
+    return f"Answers generated with max_new_tokens = {g['max_new_tokens']}{how}."
+
+
+def dpo_skipped(training: dict) -> Optional[str]:
+    """Why train-dpo did not train (metrics/train_dpo.json {"skipped": reason}), or None when it did."""
+    reason = (training.get("dpo") or {}).get("skipped")
+    if not reason:
+        return None
+    return reason if isinstance(reason, str) else "no reason given"
 
 
 def metrics_note(metrics: dict) -> str:
     s = settings(metrics)
     resamples = f" ({s['bootstrap_resamples']} resamples)" if s["bootstrap_resamples"] else ""
+    baselines = (" Baselines answer without reading the question: constant gives the answer most often right "
+                 "for each answer type in training, random is the expected accuracy of a uniform guess among "
+                 "the offered options (0 for open answers).") if baseline_names(metrics) else ""
     return (f"Each value: estimate [{s['confidence']:.0%} interval] (Wilson for proportions, a bootstrap over "
             f"items{resamples} otherwise); ↑ higher is better, ↓ lower is better. Δ: paired difference on the "
             f"same items, * significant at α = {s['alpha']} (exact McNemar test for proportions, paired bootstrap "
-            "otherwise), n.s. not significant. Baselines answer without reading the question: constant gives "
-            "the answer most often right for each answer type in training, random is the expected accuracy of "
-            "a uniform guess among the offered options (0 for open answers).")
+            "otherwise), n.s. not significant." + baselines)
 
 
 def preference_rows(r: "Report") -> list[tuple[str, list[str]]]:
@@ -233,7 +316,7 @@ def preference_rows(r: "Report") -> list[tuple[str, list[str]]]:
                           ("pref_margin", "mean margin (summed log-prob) ↑")):
         if any(metric in r.metrics.get(m, {}) for m in r.models):
             rows.append((label, [fmt_estimate(metric, estimate(r.metrics.get(m, {}), metric)) for m in r.models]))
-    if "final" in r.models:
+    if "final" in r.models and not dpo_skipped(r.training):
         dpo = (r.training.get("dpo") or {}).get("eval_rewards_accuracies")
         cell = f"{dpo:.1%}" if _num(dpo) else "– (metrics/train_dpo.json not found)"
         rows.append(("DPO reward accuracy (train-dpo, validation pairs)",
@@ -330,7 +413,8 @@ def samples(generations: list[dict], models: list[str], n: int) -> list[dict]:
     by_id: dict[str, dict] = {}
     for row in generations:
         entry = by_id.setdefault(row["id"], {"id": row["id"], "family": row.get("family"), "prompt": row["prompt"],
-                                             "reference": row["reference"], "outputs": {}})
+                                             "instruction": row.get("instruction"), "reference": row["reference"],
+                                             "outputs": {}})
         entry["outputs"][row["model"]] = row
     families: dict[Any, list[dict]] = {}
     for entry in by_id.values():
@@ -343,12 +427,22 @@ def samples(generations: list[dict], models: list[str], n: int) -> list[dict]:
     return picked
 
 
-def failure_counts(generations: list[dict], models: list[str]) -> dict[str, dict[str, int]]:
-    """{kind: {model: count}} for every failure kind (zeros included)."""
-    kinds = list(FAILURE_KINDS) + sorted({k for r in generations for k in r.get("failures", [])} - set(FAILURE_KINDS))
+def row_failures(row: dict) -> list[str]:
+    """The answer's failure kinds. Files written before "truncated" was a kind of its own called an
+    answer cut by the generation limit "no_stop": the row's "truncated" flag says which it was."""
+    kinds = list(row.get("failures") or [])
+    if row.get("truncated"):
+        kinds = [k for k in kinds if k not in ("no_stop", "truncated")] + ["truncated"]
+    return kinds
+
+
+def failure_counts(generations: list[dict], models: list[str], checker: bool = True) -> dict[str, dict[str, int]]:
+    """{kind: {model: count}} for every failure kind (zeros included; without a checker, not its kinds)."""
+    found = {k for r in generations for k in row_failures(r)}
+    kinds = [k for k in FAILURE_KINDS if checker or k not in CHECKER_KINDS] + sorted(found - set(FAILURE_KINDS))
     counts = {k: {m: 0 for m in models} for k in kinds}
     for row in generations:
-        for kind in row.get("failures", []):
+        for kind in row_failures(row):
             if row["model"] in counts[kind]:
                 counts[kind][row["model"]] += 1
     return counts
@@ -361,7 +455,7 @@ def failure_examples(generations: list[dict], models: list[str]) -> dict[str, di
         for row in generations:
             if row["model"] != model:
                 continue
-            for kind in row.get("failures", []):
+            for kind in row_failures(row):
                 examples.setdefault(kind, row)
     return examples
 
@@ -373,6 +467,37 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
         return [pair for i, v in enumerate(obj) for pair in flatten(v, f"{prefix}[{i}]")]
     return [(prefix, obj if isinstance(obj, str) else json.dumps(obj))]
+
+
+def generation_limit(r: "Report") -> Optional[int]:
+    """max_new_tokens of the run: eval.json's "generation", else the length of the answers it cut."""
+    g = r.metrics.get("generation") or {}
+    if _num(g.get("max_new_tokens")):
+        return int(g["max_new_tokens"])
+    cut = [row["n_new_tokens"] for row in r.generations if row.get("truncated") and _num(row.get("n_new_tokens"))]
+    return max(cut) if cut else None
+
+
+def failure_label(kind: str, limit: Optional[int]) -> str:
+    if kind == "truncated":
+        return f"truncated at {limit} tokens" if limit else "truncated (at the generation limit)"
+    return FAILURE_LABELS.get(kind, kind)
+
+
+def instruction(row: dict) -> str:
+    """The question as the user wrote it (the evaluate stage's "instruction"); files written before
+    that field have only the templated prompt, whose end holds the question."""
+    text = row.get("instruction")
+    return text if isinstance(text, str) and text.strip() else prompt_tail(row["prompt"])
+
+
+def answer_text(row: Optional[dict], limit: Optional[int]) -> str:
+    """An answer as a table shows it: the checker's ✓ / ✗ first, a note when the limit cut it."""
+    if row is None:
+        return ""
+    mark = {"pass": "✓ ", None: ""}.get(row.get("task"), "✗ ")
+    cut = f"\n[{failure_label('truncated', limit)}]" if row.get("truncated") else ""
+    return mark + shown(row["output"]) + cut
 
 
 def prompt_tail(prompt: str, limit: int = 240) -> str:
@@ -530,13 +655,6 @@ def _longest_run(text: str, ch: str) -> int:
     return best
 
 
-def _verdict(row: Optional[dict]) -> str:
-    if row is None:
-        return ""
-    mark = {"pass": "✓ ", None: ""}.get(row.get("task"), "✗ ")
-    return mark + shown(row["output"])
-
-
 def _metric_label(row: dict) -> str:
     return row["metric"] + {1: " ↑", -1: " ↓", 0: ""}[row["direction"]]
 
@@ -551,13 +669,14 @@ def metrics_section_md(r: Report) -> str:
     rows = [[_metric_label(row), *[fmt_estimate(row["metric"], row["values"][m]) for m in r.models],
              *[fmt_estimate(row["metric"], v) for v in row["baselines"].values()],
              *[fmt_delta(row["metric"], d) for d in row["deltas"].values()]]
-            for row in metric_rows(r.metrics, r.models)]
+            for row in metric_rows(r.metrics, r.models, has_checker(r))]
     return ("## Metrics (test split)\n\n" + metrics_note(r.metrics) + "\n\n" + _md_table(metrics_header(r), rows)
             + "\n\n" + counts_line(r))
 
 
 def counts_line(r: Report) -> str:
-    parts = [f"{m}: {', '.join(f'{r.metrics[m][c]} {c[2:]}' for c in COUNTS if c in r.metrics.get(m, {}))}"
+    counts = [c for c in COUNTS if has_checker(r) or c != "n_checked"]  # "0 checked" only says: no checker
+    parts = [f"{m}: {', '.join(f'{r.metrics[m][c]} {c[2:]}' for c in counts if c in r.metrics.get(m, {}))}"
              for m in r.models]
     return "Items: " + "; ".join(parts) + "."
 
@@ -565,7 +684,7 @@ def counts_line(r: Report) -> str:
 def preference_section_md(r: Report) -> str:
     rows = preference_rows(r)
     if not rows:
-        return ""
+        return f"_{NO_PREFERENCES}_"
     parts = ["## Preference accuracy (test pairs)", PREF_NOTE,
              _md_table(["measure", *r.models], [[k, *v] for k, v in rows])]
     kinds = preference_kind_rows(r.metrics, r.models)
@@ -591,35 +710,66 @@ def forgetting_section_md(r: Report) -> str:
     return "\n\n".join(parts)
 
 
-def render_markdown(r: Report) -> str:
-    parts = [f"# {html.escape(r.title, quote=False)}", f"**{_md_cell(headline(r.metrics))}**",
-             f"Models: {', '.join(r.models)}.", metrics_section_md(r)]
-    parts += [s for s in (preference_section_md(r), forgetting_section_md(r)) if s]
-    parts.append("## Training curves and per-skill accuracy")
-    parts += [f"![{f.title}](figures/{f.name})" for f in r.figures] or ["No figures: no curves or accuracies found."]
-    parts += [f"_Not found: {m}_" for m in r.missing_curves]
+def split_size_md(r: Report) -> str:
+    text, small = split_size_note(r)
+    return f"> ⚠️ **{_md_cell(text)}**" if small else f"_{_md_cell(text)}_" if text else ""
+
+
+def figures_heading(r: Report) -> str:
+    return "Training curves" + (" and per-skill accuracy" if has_checker(r) else "")
+
+
+def dpo_note(r: Report) -> str:
+    """In place of the DPO curves when train-dpo did not train."""
+    reason = dpo_skipped(r.training)
+    return f"DPO skipped: {reason}" if reason else ""
+
+
+def samples_legend(r: Report) -> str:
+    verdict = "✓ / ✗: the task checker's verdict. " if has_checker(r) else ""
+    written = any(isinstance(g.get("instruction"), str) for g in r.generations)
+    shown_as = "Instructions as the user wrote them." if written else "The end of each templated prompt."
+    return f"{verdict}{shown_as} {generation_line(r.metrics)}".strip()
+
+
+def samples_md(r: Report) -> str:
     picked = samples(r.generations, r.models, r.n_samples)
-    if picked:
-        parts.append("## Sample generations\n\n✓ / ✗: the task checker's verdict.")
-        parts.append(_md_table(["prompt (end)", "reference", *r.models],
-                               [[prompt_tail(s["prompt"]), s["reference"],
-                                 *[_verdict(s["outputs"].get(m)) for m in r.models]] for s in picked]))
-    parts.append(error_section_md(r))
+    if not picked:
+        return ""
+    limit = generation_limit(r)
+    return (f"## Sample generations\n\n{_md_cell(samples_legend(r))}\n\n"
+            + _md_table(["instruction", "reference", *r.models],
+                        [[instruction(s), s["reference"], *[answer_text(s["outputs"].get(m), limit) for m in r.models]]
+                         for s in picked]))
+
+
+def render_markdown(r: Report) -> str:
+    parts = [f"# {html.escape(r.title, quote=False)}", f"**{_md_cell(headline(r))}**", split_size_md(r),
+             f"Models: {', '.join(r.models)}.", metrics_section_md(r), preference_section_md(r),
+             forgetting_section_md(r), f"## {figures_heading(r)}"]
+    parts += [f"![{f.title}](figures/{f.name})" for f in r.figures] or ["No figures: no curves or accuracies found."]
+    parts += [f"_{_md_cell(n)}_" for n in [dpo_note(r)] + [f"Not found: {m}" for m in r.missing_curves] if n]
+    parts += [samples_md(r), error_section_md(r)]
     parts.append(provenance_md(r))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def error_counts(r: Report) -> list[tuple[str, dict[str, int]]]:
+    """(label, {model: count}) per failure kind, the most frequent first."""
+    counts, limit = failure_counts(r.generations, r.models, has_checker(r)), generation_limit(r)
+    return [(failure_label(k, limit), counts[k]) for k in sorted(counts, key=lambda k: -sum(counts[k].values()))]
 
 
 def error_section_md(r: Report) -> str:
-    counts = failure_counts(r.generations, r.models)
     totals = {m: sum(1 for g in r.generations if g["model"] == m) for m in r.models}
+    limit = generation_limit(r)
     parts = ["## Error analysis", "Failures on the test split (an answer can have several), out of "
              + ", ".join(f"{totals[m]} for {m}" for m in r.models) + ".",
-             _md_table(["failure", *r.models], [[FAILURE_LABELS.get(k, k), *[counts[k][m] for m in r.models]]
-                                                for k in sorted(counts, key=lambda k: -sum(counts[k].values()))])]
+             _md_table(["failure", *r.models], [[label, *[c[m] for m in r.models]] for label, c in error_counts(r)])]
     for kind, row in failure_examples(r.generations, r.models).items():
-        parts.append(f"**{FAILURE_LABELS.get(kind, kind)}** ({row['model']}, {row['id']}):\n\n"
-                     + _md_table(["prompt (end)", "reference", "output"],
-                                 [[prompt_tail(row["prompt"]), row["reference"], shown(row["output"])]]))
+        parts.append(f"**{failure_label(kind, limit)}** ({row['model']}, {row['id']}):\n\n"
+                     + _md_table(["instruction", "reference", "output"],
+                                 [[instruction(row), row["reference"], answer_text(row, limit)]]))
     return "\n\n".join(parts)
 
 
@@ -694,7 +844,7 @@ def metrics_section_html(r: Report) -> str:
     rows = [[_td(_metric_label(row)), *[_td(fmt_estimate(row["metric"], row["values"][m]), "num") for m in r.models],
              *[_td(fmt_estimate(row["metric"], v), "num baseline") for v in row["baselines"].values()],
              *[_delta_td(row["metric"], d, row["direction"], confidence) for d in row["deltas"].values()]]
-            for row in metric_rows(r.metrics, r.models)]
+            for row in metric_rows(r.metrics, r.models, has_checker(r))]
     return ("<h2>Metrics (test split)</h2><p class='muted'>" + _e(metrics_note(r.metrics))
             + " Green / red: a significant improvement / decline; hover a Δ for its interval.</p>"
             + _html_table(metrics_header(r), rows) + f"<p class='muted'>{_e(counts_line(r))}</p>")
@@ -703,7 +853,7 @@ def metrics_section_html(r: Report) -> str:
 def preference_html(r: Report) -> str:
     rows = preference_rows(r)
     if not rows:
-        return ""
+        return f"<p class='muted'>{_e(NO_PREFERENCES)}</p>"
     out = ("<h2>Preference accuracy (test pairs)</h2><p class='muted'>" + _e(PREF_NOTE) + "</p>"
            + _html_table(["measure", *r.models], [[_td(k), *[_td(c, "num") for c in v]] for k, v in rows]))
     kinds = preference_kind_rows(r.metrics, r.models)
@@ -729,49 +879,54 @@ def forgetting_html(r: Report) -> str:
     return "<h2>General ability (forgetting guard)</h2>" + warn + notes + _html_table(header, rows)
 
 
-def _output_td(row: Optional[dict]) -> str:
+def _output_td(row: Optional[dict], limit: Optional[int], cls: str = "") -> str:
     if row is None:
         return _td("")
-    cls = {"pass": "pass", None: ""}.get(row.get("task"), "fail")
-    return _text_td(_verdict(row), cls)
+    verdict = {"pass": "pass", None: ""}.get(row.get("task"), "fail")
+    return _text_td(answer_text(row, limit), cls or verdict)
+
+
+def _instruction_td(row: dict) -> str:
+    """The instruction as the user wrote it; the templated prompt the model saw, on click."""
+    return (f"<td class='text'>{_e(instruction(row))}<details><summary>templated prompt</summary>"
+            f"<pre>{_e(row['prompt'])}</pre></details></td>")
 
 
 def samples_html(r: Report) -> str:
     picked = samples(r.generations, r.models, r.n_samples)
     if not picked:
         return ""
-    rows = [[f"<td class='text'><details><summary>{_e(prompt_tail(s['prompt'], 160))}</summary>"
-             f"{_e(s['prompt'])}</details></td>", _text_td(s["reference"]),
-             *[_output_td(s["outputs"].get(m)) for m in r.models]] for s in picked]
-    return ("<h2>Sample generations</h2><p class='muted'>Same prompts for every model; ✓ / ✗ is the task "
-            "checker's verdict. Click a prompt to see it whole.</p>"
-            + _html_table(["prompt (end)", "reference", *r.models], rows, "wide"))
+    limit = generation_limit(r)
+    rows = [[_instruction_td(s), _text_td(s["reference"]), *[_output_td(s["outputs"].get(m), limit) for m in r.models]]
+            for s in picked]
+    return (f"<h2>Sample generations</h2><p class='muted'>Same prompts for every model. {_e(samples_legend(r))}</p>"
+            + _html_table(["instruction", "reference", *r.models], rows, "wide"))
 
 
 def errors_html(r: Report) -> str:
-    counts = failure_counts(r.generations, r.models)
     totals = {m: sum(1 for g in r.generations if g["model"] == m) for m in r.models}
     table = _html_table(["failure", *r.models], [
-        [_td(FAILURE_LABELS.get(k, k)), *[_td(f"{counts[k][m]} / {totals[m]}", "num") for m in r.models]]
-        for k in sorted(counts, key=lambda k: -sum(counts[k].values()))])
-    examples = "".join(_failure_example_html(kind, row)
+        [_td(label), *[_td(f"{c[m]} / {totals[m]}", "num") for m in r.models]] for label, c in error_counts(r)])
+    limit = generation_limit(r)
+    examples = "".join(_failure_example_html(failure_label(kind, limit), row, limit)
                        for kind, row in failure_examples(r.generations, r.models).items())
     return ("<h2>Error analysis</h2><p class='muted'>Failures on the test split; an answer can have several.</p>"
             + table + examples)
 
 
-def _failure_example_html(kind: str, row: dict) -> str:
-    title = f"{_e(FAILURE_LABELS.get(kind, kind))} <span class='muted'>({_e(row['model'])}, {_e(row['id'])})</span>"
-    cells = [_text_td(prompt_tail(row["prompt"])), _text_td(row["reference"]), _text_td(shown(row["output"]), "fail")]
-    return f"<h3>{title}</h3>" + _html_table(["prompt (end)", "reference", "output"], [cells], "wide")
+def _failure_example_html(label: str, row: dict, limit: Optional[int]) -> str:
+    title = f"{_e(label)} <span class='muted'>({_e(row['model'])}, {_e(row['id'])})</span>"
+    cells = [_instruction_td(row), _text_td(row["reference"]), _output_td(row, limit, "fail")]
+    return f"<h3>{title}</h3>" + _html_table(["instruction", "reference", "output"], [cells], "wide")
 
 
 def figures_html(r: Report) -> str:
     imgs = "".join(f"<figure><img alt='{_e(f.title)}' src='data:image/png;base64,"
                    f"{base64.b64encode(f.png).decode('ascii')}'></figure>" for f in r.figures)
-    missing = "".join(f"<p class='muted'>Not found: {_e(m)}</p>" for m in r.missing_curves)
-    return ("<h2>Training curves and per-skill accuracy</h2>"
-            + (f"<div class='figures'>{imgs}</div>" if imgs else "<p>No figures.</p>") + missing)
+    notes = [dpo_note(r)] + [f"Not found: {m}" for m in r.missing_curves]
+    return (f"<h2>{_e(figures_heading(r))}</h2>"
+            + (f"<div class='figures'>{imgs}</div>" if imgs else "<p>No figures.</p>")
+            + "".join(f"<p class='muted'>{_e(n)}</p>" for n in notes if n))
 
 
 def provenance_html(r: Report) -> str:
@@ -787,8 +942,15 @@ def provenance_html(r: Report) -> str:
     return "".join(parts)
 
 
+def split_size_html(r: Report) -> str:
+    text, small = split_size_note(r)
+    if not text:
+        return ""
+    return f"<p class='warning'>⚠️ <b>{_e(text)}</b></p>" if small else f"<p class='muted'>{_e(text)}</p>"
+
+
 def render_html(r: Report) -> str:
-    body = "".join([f"<h1>{_e(r.title)}</h1><p class='headline'><b>{_e(headline(r.metrics))}</b></p>",
+    body = "".join([f"<h1>{_e(r.title)}</h1><p class='headline'><b>{_e(headline(r))}</b></p>", split_size_html(r),
                     f"<p>Models: {_e(', '.join(r.models))}.</p>", metrics_section_html(r), preference_html(r),
                     forgetting_html(r), figures_html(r), samples_html(r), errors_html(r), provenance_html(r)])
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(r.title)}</title>"

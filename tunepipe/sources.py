@@ -31,6 +31,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import random
 import shutil
 from pathlib import Path
@@ -241,6 +242,8 @@ def load_data(ds: DataSource, role: str, fetch: Fetch, seed: int) -> tuple[dict[
     ``test_split`` when set).
     """
     key = f"fetch.{role}"
+    if ds.source == "none":
+        return {name: [] for name in SPLITS}, {"source": ds.model_dump(mode="json")}
     if ds.source == "generated":
         g = fetch.generated
         sizes = (g.n_train, g.n_val, g.n_test) if role == "sft" else (g.n_pref_train, g.n_pref_val, g.n_pref_test)
@@ -248,10 +251,16 @@ def load_data(ds: DataSource, role: str, fetch: Fetch, seed: int) -> tuple[dict[
         splits = {name: make(name, n, seed, g.families) for name, n in zip(SPLITS, sizes)}
         return splits, {"source": ds.model_dump(mode="json"), "generated": g.model_dump(mode="json")}
     records, info = _read_split(ds, key, ds.split, fetch, seed)
+    n_val = held_out(len(records), fetch.val_fraction, fetch.min_val_rows)
     if ds.test_split is None:
-        return split_records(records, fetch.val_fraction, fetch.test_fraction, seed, info["origin"]), info
+        n_test = held_out(len(records), fetch.test_fraction, fetch.min_test_rows)
+        if n_test < fetch.min_test_rows:
+            log.warning("%s: %d rows leave only %d for testing (fetch.min_test_rows: %d): differences between "
+                        "models will rarely be significant; the report says how large one must be",
+                        info["origin"], len(records), n_test, fetch.min_test_rows)
+        return split_records(records, n_val, n_test, seed, info["origin"]), info
     test, info["test"] = _read_split(ds, f"{key}.test_split", ds.test_split, fetch, seed)
-    train, val = split_train_val(records, fetch.val_fraction, seed, info["origin"])
+    train, val = split_train_val(records, n_val, seed, info["origin"])
     # shuffled like a train_test_split test set: evaluate scores the first max_examples
     return {"train": train, "val": val, "test": random.Random(seed).sample(test, len(test))}, info
 
@@ -362,27 +371,31 @@ def sample_rows(records: list[dict], max_rows: Optional[int], seed: int) -> list
     return [records[i] for i in keep]
 
 
-def split_records(records: list[Any], val_fraction: float, test_fraction: float, seed: int,
+def held_out(n_rows: int, fraction: float, minimum: int) -> int:
+    """Rows to hold out: the fraction, raised to ``minimum`` (a 5% test split of 144 rows is 8
+    prompts, from which nothing can be concluded), but never more than a quarter of the rows."""
+    return max(1, min(max(math.ceil(n_rows * fraction), minimum), n_rows // 4))
+
+
+def split_records(records: list[Any], n_val: int, n_test: int, seed: int,
                   origin: str = "data") -> dict[str, list[Any]]:
-    """Seeded train/val/test split; each gets at least one record."""
+    """Seeded train/val/test split with ``n_val`` and ``n_test`` held-out records."""
     from sklearn.model_selection import train_test_split
 
-    if len(records) < 3:
-        raise DataError(f"{origin}: {len(records)} usable rows; at least 3 are needed for train/val/test")
-    rest, test = train_test_split(records, test_size=test_fraction, random_state=seed)
-    if len(rest) < 2:
-        raise DataError(f"{origin}: too few rows ({len(records)}) for fetch.test_fraction={test_fraction}")
-    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed)
+    if len(records) < 4:
+        raise DataError(f"{origin}: {len(records)} usable rows; at least 4 are needed for train/val/test")
+    rest, test = train_test_split(records, test_size=n_test, random_state=seed)
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed)
     return {"train": train, "val": val, "test": test}
 
 
-def split_train_val(records: list[Any], val_fraction: float, seed: int, origin: str = "data") -> tuple[list, list]:
-    """Seeded train/val split of a source whose test set is a split of its own; each gets a record."""
+def split_train_val(records: list[Any], n_val: int, seed: int, origin: str = "data") -> tuple[list, list]:
+    """Seeded train/val split of a source whose test set is a split of its own."""
     from sklearn.model_selection import train_test_split
 
-    if len(records) < 2:
-        raise DataError(f"{origin}: {len(records)} usable rows; at least 2 are needed for train/val")
-    train, val = train_test_split(records, test_size=val_fraction, random_state=seed)
+    if len(records) < 4:
+        raise DataError(f"{origin}: {len(records)} usable rows; at least 4 are needed for train/val")
+    train, val = train_test_split(records, test_size=n_val, random_state=seed)
     return train, val
 
 

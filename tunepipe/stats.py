@@ -12,6 +12,7 @@ deterministic: the resampled indices depend only on (n, resamples, seed).
     bootstrap_interval(rouge, resamples=1000, seed=0) -> (low, high)
     paired_bootstrap(mean(final), mean(base))        -> {"delta", "ci_low", "ci_high", "p_value"}
     compare_proportions(final_ok, base_ok)           -> the same, with McNemar's p-value
+    test_size_note(8)                                -> {"min_significant_pts": 75.0, "small": True, ...}
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import numpy as np
 from scipy import stats as _sp
 
 DEFAULT_RESAMPLES = 1000
+# A test split is "small" (test_size_note) under this many items, or when no difference
+# in a rate below this many points could be significant on it.
+SMALL_TEST_ITEMS = 50
+SMALL_TEST_MIN_PTS = 20.0
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -148,6 +153,42 @@ def compare_proportions(a: Sequence[bool], b: Sequence[bool], *, confidence: flo
 def proportion_interval(outcomes: Sequence[bool], confidence: float = 0.95) -> tuple[float, float]:
     """Wilson interval of a list of pass/fail outcomes."""
     return wilson_interval(sum(map(bool, outcomes)), len(outcomes), confidence)
+
+
+def mcnemar_min_discordant(alpha: float = 0.05) -> int:
+    """The fewest discordant pairs an exact McNemar test can call significant: all d of them
+    one way gives the smallest two-sided p-value, 2 * 0.5**d, so the smallest d with that < alpha."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    d = 1
+    while 2 * 0.5 ** d >= alpha:
+        d += 1
+    return d
+
+
+def wilson_halfwidth(n: int, p: float = 0.5, confidence: float = 0.95) -> float:
+    """Half the width of the Wilson interval at observed share p of n items (widest at 0.5);
+    closed form, so it holds for any n, not only where p * n is a whole count."""
+    if n <= 0:
+        return 0.5
+    z = float(_sp.norm.ppf(0.5 + confidence / 2))
+    return z / (1 + z * z / n) * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+
+
+def test_size_note(n: int, alpha: float = 0.05, confidence: float = 0.95) -> dict:
+    """What n paired test items can show, for the report's warning on a small test split:
+    the smallest difference in a right/wrong rate between two models that could ever be
+    significant (every discordant pair one way, as a share of n, in points, at most 100),
+    and the Wilson half-width at 50% in points. Small: under 50 items (each figure then known
+    to no better than ±14 points), or that smallest difference is over 20 points."""
+    d = mcnemar_min_discordant(alpha)
+    min_pts = min(100.0, 100.0 * d / n) if n > 0 else 100.0
+    return {"n_items": int(n), "min_discordant": d, "min_significant_pts": min_pts,
+            "wilson_halfwidth_pts": 100.0 * wilson_halfwidth(n, 0.5, confidence),
+            "small": bool(n < SMALL_TEST_ITEMS or min_pts > SMALL_TEST_MIN_PTS)}
+
+
+test_size_note.__test__ = False  # named test_*: keep pytest from collecting it where a test module imports it
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -155,7 +155,13 @@ def make_renderer(kind: str, tokenizer: Any = None, system_prompt: Optional[str]
 
 def template_sft(record: dict, render: Render) -> dict:
     return {"id": str(record["id"]), "prompt": render(record), "completion": record["output"],
-            "meta": record.get("meta") or {}}
+            "instruction": written_instruction(record), "meta": record.get("meta") or {}}
+
+
+def written_instruction(record: dict) -> str:
+    """The last request as the user wrote it (instruction, then its input), for people to read:
+    the report shows this, not the templated prompt."""
+    return "\n\n".join(part for part in (record.get("instruction"), record.get("input")) if part)
 
 
 def template_pref(record: dict, render: Render) -> dict:
