@@ -5,7 +5,8 @@
 dvc.yaml runs it once per model in evaluate.models (a foreach stage: evaluate@base,
 evaluate@sft, evaluate@final), so each depends only on its own model: a DPO change
 re-evaluates final, never base. The models: base = models/base; sft = models/base
-with the models/sft adapter merged in memory; final = models/final. On
+with the models/sft adapter merged in memory; final = models/final; export = the GGUF in
+models/export read back by transformers (tunepipe.modeling.NAMED_MODELS). On
 data/templated/sft_test.jsonl and pref_test.jsonl (the first evaluate.max_examples
 of each), with the tokenizer from data/tokenized/tokenizer, it
 
@@ -37,14 +38,13 @@ from pathlib import Path
 
 from tunepipe.artifacts import DataError, atomic_path, read_jsonl, write_json, write_jsonl
 from tunepipe.cli import StageError, run_stage
+from tunepipe.modeling import NAMED_MODELS
 from tunepipe.params import Params
 
 log = logging.getLogger("tunepipe.evaluate")
 
 TEMPLATED = Path("data/templated")
 TOKENIZER = Path("data/tokenized/tokenizer")
-MODEL_DIRS = {"base": Path("models/base"), "sft": Path("models/sft"), "final": Path("models/final"),
-              "export": Path("models/export")}  # export: the GGUF that ships, read back by transformers
 OUT = Path("data/eval")
 FIELDS = {"sft": ("prompt", "completion"), "pref": ("prompt", "chosen", "rejected")}
 DECIMALS = 4
@@ -63,27 +63,17 @@ def read_test(kind: str, max_examples: int | None) -> list[dict]:
 
 
 def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
-    """The model called ``name`` (sft: the base with its adapter merged in memory),
-    and every id that ends its answers."""
+    """The model called ``name`` (tunepipe.modeling.NAMED_MODELS), and every id that ends its answers."""
     from tunepipe.generation import eos_ids
-    from tunepipe.modeling import load_merged
+    from tunepipe.modeling import check_named_model, load_named_model
     from tunepipe.tokenization import generation_eos_ids
 
-    start, adapters = (MODEL_DIRS["base"], [MODEL_DIRS["sft"]]) if name == "sft" else (MODEL_DIRS[name], [])
-    for path in [start, *adapters]:
-        if not path.is_dir():
-            raise StageError(f"{path} is missing; it is needed to evaluate '{name}' (dvc repro first, "
-                             "or drop it from evaluate.models)")
-    if name == "export":  # its stop ids are those of the Hub folder beside the GGUF
-        from tunepipe.modeling import load_gguf_model
-
-        model, start = load_gguf_model(start, tokenizer).eval(), start / "hub"
-    else:
-        model = load_merged(start, adapters, tokenizer, trust_remote_code=trust_remote_code).eval()
+    check_named_model(name, "evaluate.models")
+    model = load_named_model(name, tokenizer, trust_remote_code=trust_remote_code).eval()
     model.to(_device())
-    # load_merged sets the tokenizer's EOS as the generation EOS; keep any other stop id the
-    # model folder declares (Llama 3 stops on several).
-    stops = set(eos_ids(model, tokenizer)) | generation_eos_ids(start)
+    # load_named_model sets the tokenizer's EOS as the generation EOS; keep any other stop id the
+    # model folder declares (Llama 3 stops on several; the GGUF holds its own in its metadata).
+    stops = set(eos_ids(model, tokenizer)) | generation_eos_ids(NAMED_MODELS[name][0])
     return model, sorted(stops)
 
 
@@ -193,5 +183,5 @@ def _headline(generations: list[dict], preferences: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, main, options={"--model": {"required": True, "choices": sorted(MODEL_DIRS),
+    run_stage(__doc__, main, options={"--model": {"required": True, "choices": sorted(NAMED_MODELS),
                                                   "help": "which model to evaluate"}})

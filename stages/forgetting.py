@@ -47,35 +47,22 @@ from tunepipe.params import Params
 
 log = logging.getLogger("tunepipe.forgetting")
 
-MODEL_DIRS = {"base": Path("models/base"), "sft": Path("models/sft"), "final": Path("models/final")}
 TOKENIZER = Path("data/tokenized/tokenizer")  # only for sft: the adapter was trained with it
 OUT = Path("data/forgetting")
 METRICS = Path("metrics/forgetting.json")
 
 
-def check_inputs(models: list[str]) -> None:
-    """Every folder the models need exists, before anything heavy is loaded."""
-    for name in models:
-        needed = [MODEL_DIRS["base"], MODEL_DIRS["sft"], TOKENIZER] if name == "sft" else [MODEL_DIRS[name]]
-        for path in needed:
-            if not path.is_dir():
-                stage = {"base": "fetch", "sft": "train-sft", "final": "merge"}.get(path.parts[-1], "tokenize")
-                raise StageError(f"{path} is missing; it is needed to score '{name}' "
-                                 f"(dvc repro {stage}, or drop '{name}' from forgetting.models)")
-
-
 def load(name: str, *, dtype: str, trust_remote_code: bool):
-    """The model called ``name`` in ``dtype`` on the fastest device, and its tokenizer."""
+    """The model called ``name`` (tunepipe.modeling.NAMED_MODELS) in ``dtype`` on the fastest device,
+    and its tokenizer: sft's is the one its adapter was trained with, the others' their own."""
     import torch
 
-    from tunepipe.modeling import load_merged, load_model, load_tokenizer, torch_dtype
+    from tunepipe.modeling import NAMED_MODELS, load_named_model, load_tokenizer, torch_dtype
 
-    if name == "sft":
-        tokenizer = load_tokenizer(TOKENIZER, trust_remote_code=trust_remote_code)
-        model = load_merged(MODEL_DIRS["base"], [MODEL_DIRS["sft"]], tokenizer, trust_remote_code=trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(MODEL_DIRS[name], trust_remote_code=trust_remote_code)
-        model = load_model(MODEL_DIRS[name], trust_remote_code=trust_remote_code)  # fp32: merge exactly, then cast
+    tokenizer = load_tokenizer(TOKENIZER if name == "sft" else NAMED_MODELS[name][0],
+                               trust_remote_code=trust_remote_code)
+    # float32 first: the sft adapter merges exactly, then the cast
+    model = load_named_model(name, tokenizer, trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device=device, dtype=torch_dtype(dtype)).eval(), tokenizer
 
@@ -85,7 +72,12 @@ def main(params: Params) -> None:
     models = list(dict.fromkeys(cfg.models))
 
     # ---------------------------------------------------------------- data
-    check_inputs(models)
+    from tunepipe.modeling import check_named_model
+
+    for name in models:  # before anything heavy is loaded
+        check_named_model(name, "forgetting.models")
+    if "sft" in models and not TOKENIZER.is_dir():
+        raise StageError(f"{TOKENIZER} is missing; it is needed for 'sft' (dvc repro tokenize)")
     started = time.perf_counter()
     tasks = forgetting.TaskSet(cfg.tasks, include_path=cfg.include_path)  # unknown names fail here, before any model
     log.info("tasks: %s (%s)", ", ".join(tasks.names), f"first {cfg.limit} items each" if cfg.limit else "all items")
@@ -100,6 +92,7 @@ def main(params: Params) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the stage's own
     dtype = forgetting.resolve_dtype(cfg.dtype)
     items: dict[str, list] = {}
+    summaries: dict[str, dict] = {}
     try:
         for name in tqdm(models, desc="forgetting: models", unit="model"):
             t0 = time.perf_counter()
@@ -111,16 +104,14 @@ def main(params: Params) -> None:
                                            apply_chat_template=cfg.apply_chat_template)
             del lm, model
             gc.collect()
-            log.info("%s: %s (%.0f s, %s)", name, _headline(forgetting.model_summary(items[name], cfg.confidence)),
-                     time.perf_counter() - t0, dtype)
+            summaries[name] = forgetting.model_summary(items[name], cfg.confidence)
+            log.info("%s: %s (%.0f s, %s)", name, _headline(summaries[name]), time.perf_counter() - t0, dtype)
     finally:
         tasks.close()
 
     # ---------------------------------------------------------------- statistics
     reference = models[0]
-    metrics: dict = {"models": models}
-    for name in models:
-        metrics[name] = forgetting.model_summary(items[name], cfg.confidence)
+    metrics: dict = {"models": models, **summaries}
     metrics["comparisons"] = {
         f"{name}_vs_{reference}": forgetting.paired_summary(items[name], items[reference], alpha=cfg.alpha)
         for name in models[1:]}

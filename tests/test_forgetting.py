@@ -125,13 +125,13 @@ def test_default_offline_task_ships_in_the_package():
 
 
 def test_unknown_task_and_missing_model_fail_with_a_fix(tmp_path, monkeypatch):
-    from stages.forgetting import check_inputs
+    from tunepipe.modeling import check_named_model
 
     with pytest.raises(StageError, match="arc_easy_ofline.*did you mean arc_easy_offline"):
         TaskSet(["arc_easy_ofline"])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StageError, match=r"models/final is missing.*dvc repro merge"):
-        check_inputs(["final"])
+    with pytest.raises(StageError, match=r"models/final is missing.*dvc repro merge.*forgetting.models"):
+        check_named_model("final", "forgetting.models")
 
 
 def _items(model: str, verdicts: list[bool]) -> list[ItemResult]:

@@ -180,6 +180,29 @@ def load_merged(base_dir: str | Path, stage_dirs: Iterable[str | Path], tokenize
     return with_adapters_merged(model, stage_dirs)
 
 
+# The models the evaluation stages score, by name, as the folders each is made of: sft is the
+# base with its adapter merged in memory, export the GGUF that ships, read back by transformers.
+NAMED_MODELS = {"base": (Path("models/base"),), "sft": (Path("models/base"), Path("models/sft")),
+                "final": (Path("models/final"),), "export": (Path("models/export"),)}
+_MADE_BY = {"base": "fetch", "sft": "train-sft", "final": "merge", "export": "export"}
+
+
+def check_named_model(name: str, listed_in: str) -> None:
+    """Fail with the fix when a folder the model called ``name`` needs is missing (before any loading)."""
+    for path in NAMED_MODELS[name]:
+        if not path.is_dir():
+            raise StageError(f"{path} is missing; it is needed for '{name}' (dvc repro {_MADE_BY[path.name]}, "
+                             f"or drop '{name}' from {listed_in})")
+
+
+def load_named_model(name: str, tokenizer, *, trust_remote_code: bool = False) -> "PreTrainedModel":
+    """The model called ``name`` (NAMED_MODELS) in float32, its embeddings fitted to ``tokenizer``."""
+    start, *adapters = NAMED_MODELS[name]
+    if name == "export":
+        return load_gguf_model(start, tokenizer)
+    return load_merged(start, adapters, tokenizer, trust_remote_code=trust_remote_code)
+
+
 def load_gguf_model(folder: str | Path, tokenizer=None) -> "PreTrainedModel":
     """The causal LM in the one .gguf file of ``folder`` (models/export), as transformers' GGUF
     reader loads it: dequantized to float32, so it computes what the exported weights hold."""
