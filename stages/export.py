@@ -2,16 +2,14 @@
 
     python -m stages.export [--params params.yaml]
 
-Reads   models/final, data/templated/sft_test.jsonl (the round-trip prompts), data/eval/final
-        (the model card's evaluation table); llama.cpp's converter from .venv/llama.cpp-<version>/
-        (`make setup`; pinned by a hash in tunepipe/export.py);
-        params: export, compare.confidence, compare.bootstrap_resamples, compare.seed
+Reads   models/final, data/templated/sft_test.jsonl (the round-trip prompts); llama.cpp's
+        converter from .venv/llama.cpp-<version>/ (`make setup`; pinned by a hash in tunepipe/export.py);
+        params: export.gguf_type, check_prompts, check_new_tokens, check_atol, llama_cpp
 Writes  models/export/ (replaced atomically):
-          model-<type>.gguf  llama.cpp's convert_hf_to_gguf.py, export.gguf_type; tokenizer, chat
-                             template and every stop id in its metadata
-          Modelfile          Ollama: FROM, TEMPLATE (the chat template translated), PARAMETER stop, SYSTEM
-          hub/               safetensors, tokenizer, generation_config.json and a model card (README.md with
-                             YAML metadata and the evaluation table with intervals) for the Hugging Face Hub
+          model-<type>.gguf       llama.cpp's convert_hf_to_gguf.py, export.gguf_type; tokenizer, chat
+                                  template and every stop id in its metadata
+          Modelfile               Ollama: FROM, TEMPLATE (the chat template translated), PARAMETER stop, SYSTEM
+          generation_config.json  models/final's (its stop ids, for evaluate@export)
         metrics/export.json  the converter, the GGUF's metadata and the round trip's result
 
 Round trip: the GGUF is read back with transformers' GGUF reader and compared with models/final
@@ -19,20 +17,18 @@ on the first export.check_prompts test prompts: the same tokenization, greedy an
 difference allowed only at a near tie) and next-token logits within the type's tolerance;
 beyond it the stage fails, naming the prompt and the difference. With llama-cpp-python
 installed (export.llama_cpp), a compiled llama.cpp generates too and is compared the same way.
-export.push_to_hub uploads the Hub folder, the GGUF and the Modelfile (token: $HF_TOKEN only).
+No evaluation is read here, so an evaluation setting never reruns the conversion: the Hub
+folder with its model card, and the upload, are the publish stage's (stages/publish.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
-import yaml
-
-from tunepipe.artifacts import atomic_path, read_json, read_jsonl, sha256_file, write_json
+from tunepipe.artifacts import atomic_path, read_jsonl, sha256_file, write_json
 from tunepipe.cli import StageError, run_stage
 from tunepipe.params import Params
 
@@ -40,8 +36,6 @@ log = logging.getLogger("tunepipe.export")
 
 FINAL = Path("models/final")
 TEST = Path("data/templated/sft_test.jsonl")
-EVAL_FINAL = Path("data/eval/final")
-MANIFEST = Path("data/raw/manifest.json")
 OUT = Path("models/export")
 METRICS = Path("metrics/export.json")
 DECIMALS = 4
@@ -54,7 +48,7 @@ def main(params: Params) -> None:
     from tunepipe.tokenization import generation_eos_ids
 
     cfg = params.export
-    for needed in (FINAL, TEST, EVAL_FINAL / "generations.jsonl"):
+    for needed in (FINAL, TEST):
         if not needed.exists():
             raise StageError(f"{needed}: missing; run the earlier stages first (dvc repro)")
     converter = export.find_converter()
@@ -111,18 +105,8 @@ def main(params: Params) -> None:
         stop_texts = [tokenizer.convert_ids_to_tokens(s) for s in stops]
         (tmp / "Modelfile").write_text(export.modelfile(gguf_name, family, system, stop_texts), encoding="utf-8")
 
-        # ---------------------------------------------------------------- Hub folder
-        summary = evaluation_summary(params)
-        hub = tmp / "hub"
-        hub.mkdir()
-        for f in sorted(FINAL.iterdir()):
-            if f.is_file() and f.name != "README.md":
-                link_or_copy(f, hub / f.name)
-        round_trip_line = (f"{gguf_name} read back by transformers answered the same greedy tokens as the "
-                           f"safetensors weights on {sum(r['same_tokens'] for r in results)} of {len(results)} "
-                           f"test prompts (max |logit difference| {max(r['max_logit_diff'] for r in results):.3g}, "
-                           f"tolerance {atol:g}).")
-        (hub / "README.md").write_text(card(params, summary, round_trip_line, gguf_name), encoding="utf-8")
+        if (FINAL / "generation_config.json").is_file():  # evaluate@export's stop ids
+            shutil.copy2(FINAL / "generation_config.json", tmp / "generation_config.json")
 
     # -------------------------------------------------------------------- record
     write_json(METRICS, {
@@ -140,17 +124,11 @@ def main(params: Params) -> None:
         "llama_cpp": llama_cpp,
         "modelfile": {"template": family.name if family else None, "system": system is not None,
                       "stops": stop_texts},
-        "hub": {"files": sorted(p.name for p in (OUT / "hub").iterdir())},
     })
-    log.info("export: %s, Modelfile (%s), hub/; round trip: %d/%d prompts with the same greedy tokens, "
+    log.info("export: %s, Modelfile (%s); round trip: %d/%d prompts with the same greedy tokens, "
              "max |logit difference| %.3g (tolerance %g); %.0f s", gguf_name, family.name if family else "no TEMPLATE",
              sum(r["same_tokens"] for r in results), len(results), max(r["max_logit_diff"] for r in results), atol,
              time.perf_counter() - started)
-
-    # -------------------------------------------------------------------- push
-    if cfg.push_to_hub:
-        url = export.push_to_hub(cfg.push_to_hub, OUT / "hub", [OUT / gguf_name, OUT / "Modelfile"], cfg.private)
-        log.info("uploaded to %s", url)
 
 
 def llama_cpp_results(export, reference, ids, generated, results, atol, tokenizer) -> dict:
@@ -170,40 +148,6 @@ def llama_cpp_results(export, reference, ids, generated, results, atol, tokenize
                                  f"{tokenizer.decode(gen['tokens'][first:first + 1])!r} (not a near tie: {gap:.3g})")
         items.append({"same_tokens": first is None and len(ours) == len(gen["tokens"]), "first_difference": first})
     return {"greedy_same": sum(i["same_tokens"] for i in items), "prompts": len(items), "items": items}
-
-
-def evaluation_summary(params: Params) -> dict:
-    """models/final's figures with their intervals, computed from data/eval/final as compare does."""
-    from tunepipe.measures import generation_measures, preference_measures, summarise
-
-    gens = read_jsonl(EVAL_FINAL / "generations.jsonl")
-    prefs = read_jsonl(EVAL_FINAL / "preferences.jsonl") if (EVAL_FINAL / "preferences.jsonl").exists() else []
-    return summarise({**generation_measures(gens), **preference_measures(prefs)}, params.compare)
-
-
-def card(params: Params, summary: dict, round_trip_line: str, gguf_name: str) -> str:
-    """The Hub model card: YAML metadata, the evaluation, how to run it, then merge's card."""
-    from tunepipe import export
-
-    merged = (FINAL / "README.md").read_text(encoding="utf-8") if (FINAL / "README.md").exists() else ""
-    front = yaml.safe_load(merged.split("---")[1]) if merged.startswith("---") else {}
-    front = front if isinstance(front, dict) else {}
-    base = front.get("base_model") or "unknown"
-    manifest = read_json(MANIFEST) if MANIFEST.is_file() else {}
-    return export.hub_card(base_model=base, datasets=export.hub_datasets(manifest), license=params.export.license,
-                           tags=list(dict.fromkeys([*(front.get("tags") or []), "gguf"])),
-                           title=f"{base.split('/')[-1]}, fine-tuned with tunepipe",
-                           evaluation=export.eval_table(summary), round_trip_line=round_trip_line,
-                           gguf_name=gguf_name, body=export.strip_front_matter(merged),
-                           confidence=params.compare.confidence)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows it (the weights are large), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 if __name__ == "__main__":

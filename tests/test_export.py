@@ -1,5 +1,5 @@
-"""The export stage on a tiny Llama: GGUF (llama.cpp's converter), Ollama Modelfile, Hub folder,
-the round trip through transformers' GGUF reader, and a push that never writes the token."""
+"""The export stage on a tiny Llama: GGUF (llama.cpp's converter), Ollama Modelfile and the round
+trip through transformers' GGUF reader. (The Hub folder, its card and the push: tests/test_publish.py.)"""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ import pytest
 
 from tunepipe import export
 from tunepipe.cli import StageError
-from tunepipe.params import Params, load_params
+from tunepipe.params import Params
 
 pytestmark = pytest.mark.skipif(not (export.CONVERTER_DIR / "convert_hf_to_gguf.py").exists(),
                                 reason="llama.cpp's converter is not extracted (make setup)")
-
-SECRET = "hf_tunepipeTestTokenNeverWritten123"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -28,7 +26,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
-    """models/final (the tiny Llama with a merge-style card), test prompts and final's evaluation."""
+    """models/final (the tiny Llama with a merge-style card) and the test prompts; no evaluation."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("export_project")
@@ -42,13 +40,6 @@ def project(tmp_path_factory, tiny_model_dir):
                for q in questions]
     write_jsonl(root / "data/templated/sft_test.jsonl",
                 [{"id": f"t{i}", "prompt": p, "completion": "5"} for i, p in enumerate(prompts)])
-    write_jsonl(root / "data/eval/final/generations.jsonl", [
-        {"id": f"t{i}", "family": "arithmetic", "prompt": "p", "reference": "5", "output": "5" if i else "6",
-         "n_new_tokens": 2, "stopped_at_eos": True, "truncated": False, "task": "pass" if i else "wrong_answer",
-         "failures": [], "rougeL": 1.0, "ref_logp": -1.0, "ref_tokens": 2} for i in range(6)])
-    write_jsonl(root / "data/eval/final/preferences.jsonl", [
-        {"id": f"p{i}", "chosen_logp": -1.0, "rejected_logp": -2.0 + i, "chosen_tokens": 2, "rejected_tokens": 2,
-         "margin": 1.0 - i, "correct": i < 1, "rejected_kind": "wrong"} for i in range(3)])
     return root
 
 
@@ -71,13 +62,13 @@ def exported(project):
         mp.undo()
 
 
-def test_writes_the_gguf_the_modelfile_and_the_hub_folder(exported):
+def test_writes_the_gguf_and_the_modelfile_without_reading_any_evaluation(exported):
     root, metrics = exported
     out = root / "models/export"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "hub", "model-f16.gguf"]
-    hub = {p.name for p in (out / "hub").iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md"} <= hub
-    assert not any(p.suffix in {".bin", ".pt", ".gguf"} for p in (out / "hub").iterdir())
+    assert not (root / "data/eval").exists()  # export reads no evaluation: the Hub card is publish's
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "generation_config.json", "model-f16.gguf"]
+    assert (out / "generation_config.json").read_bytes() == (root / "models/final/generation_config.json").read_bytes()
+    assert "hub" not in metrics
     assert metrics["gguf"]["type"] == "f16" and metrics["gguf"]["converter"]["llama_cpp_python"] == "0.3.36"
     assert metrics["gguf"]["chat_template_kept"] and metrics["modelfile"]["template"] == "chatml"
 
@@ -118,18 +109,6 @@ def test_modelfile_template_renders_as_the_chat_template(exported):
     with_system = [{"role": "system", "content": "Be terse."}, *conversation]
     assert export.render_ollama(template, with_system, system) == tok.apply_chat_template(
         with_system, tokenize=False, add_generation_prompt=True)
-
-
-def test_hub_card_has_metadata_and_the_evaluation_with_intervals(exported):
-    import yaml
-
-    root, _ = exported
-    card = (root / "models/export/hub/README.md").read_text()
-    meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == "tiny-llama-test" and meta["license"] == "apache-2.0"
-    assert {"tunepipe", "sft", "dpo"} <= set(meta["tags"])
-    assert "| task accuracy | 83.3% | [" in card and "| preference accuracy (summed log-prob) | 33.3% |" in card
-    assert "3 of 3 test prompts" in card and "Training details." in card
 
 
 def test_llama3_template_translates_with_its_bos(smol_tokenizer_dir, tmp_path):
@@ -181,40 +160,6 @@ def test_missing_converter_says_how_to_fix(tmp_path):
         export.find_converter(tmp_path)
 
 
-def test_push_never_writes_the_token(exported, monkeypatch, caplog, capsys):
-    root, _ = exported
-    calls = []
-
-    class FakeApi:
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: calls.append((name, kwargs))
-
-    monkeypatch.setattr(export, "push_to_hub", _with_api(export.push_to_hub, FakeApi()))
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    run_export(root, monkeypatch, push_to_hub="someone/tiny-export")
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder", "upload_file", "upload_file"]
-    assert all(kwargs["token"] == SECRET for _, kwargs in calls)
-    assert calls[1][1]["folder_path"].endswith("models/export/hub")
-    for f in [*root.rglob("*")]:
-        if f.is_file():
-            assert SECRET.encode() not in f.read_bytes(), f
-    out = capsys.readouterr()
-    assert SECRET not in caplog.text + out.out + out.err
-
-
-def test_push_without_token_fails_before_any_upload(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(StageError, match="HF_TOKEN is not in the environment"):
-        export.push_to_hub("a/b", tmp_path, [], True, api=object())
-
-
-def test_push_to_hub_param_is_validated(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("export:\n  push_to_hub: not a repo id\n")
-    with pytest.raises(Exception, match="push_to_hub must be a Hub repo id"):
-        load_params(p)
-
-
 def test_llama_cpp_generation_is_compared_when_installed(exported, monkeypatch):
     """A stand-in for llama-cpp-python that answers what models/final answers."""
     root, metrics = exported
@@ -243,7 +188,3 @@ def test_llama_cpp_generation_is_compared_when_installed(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
     metrics = run_export(root, monkeypatch, llama_cpp="require")
     assert metrics["llama_cpp"]["greedy_same"] == 3
-
-
-def _with_api(push, api):
-    return lambda *args, **kwargs: push(*args, **kwargs, api=api)

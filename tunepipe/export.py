@@ -1,6 +1,6 @@
-"""Exporting the final model to where people run it: a GGUF file (llama.cpp, Ollama, LM Studio),
-an Ollama Modelfile, and a folder ready for the Hugging Face Hub; and checking that the GGUF
-still answers like the model it came from.
+"""Exporting the final model to where people run it: a GGUF file (llama.cpp, Ollama, LM Studio)
+and an Ollama Modelfile; and checking that the GGUF still answers like the model it came from.
+(The Hub folder, its model card and the upload: tunepipe/hub.py, the publish stage.)
 
     converter = find_converter()                     # llama.cpp's own convert_hf_to_gguf.py, pinned
     convert(converter, "models/final", out / "model-f16.gguf", "f16")
@@ -384,92 +384,3 @@ def llama_cpp_generate(path: Path, prompt_ids: list[list[int]], new_tokens: int,
                 break
         out.append({"tokenizer_matches": list(own) == list(ids), "tokens": tokens})
     return out
-
-
-# --------------------------------------------------------------------------- model card
-
-
-def eval_table(summary: dict) -> list[str]:
-    """Markdown rows of the evaluation of the shipped weights, each figure with its interval."""
-    rows = [("task accuracy", "task_accuracy", True), ("ROUGE-L", "rougeL", False),
-            ("perplexity of the reference answers", "perplexity", False),
-            ("preference accuracy (summed log-prob)", "pref_accuracy", True),
-            ("preference accuracy (per token)", "pref_accuracy_norm", True),
-            ("answers ending with EOS", "eos_rate", True)]
-    out = ["| metric | value | 95% interval |", "|---|---|---|"]
-    for label, key, pct in rows:
-        if key not in summary:
-            continue
-        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3g}")
-        out.append(f"| {label} | {fmt(summary[key])} | [{fmt(summary[key + '_ci_low'])}, "
-                   f"{fmt(summary[key + '_ci_high'])}] |")
-    return out
-
-
-def hub_card(*, base_model: str, datasets: list[str], license: Optional[str], tags: list[str], title: str,
-             evaluation: list[str], round_trip_line: str, gguf_name: str, body: str, confidence: float) -> str:
-    import yaml
-
-    meta = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": tags}
-    if datasets:
-        meta["datasets"] = datasets
-    if license:
-        meta["license"] = license
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
-             "## Evaluation", "",
-             f"On the held-out test split, {round(100 * confidence)}% intervals (tunepipe's compare method):", "",
-             *evaluation, "", f"GGUF export: {round_trip_line}", "",
-             "## Run it elsewhere", "", "```bash",
-             "ollama create my-model -f Modelfile        # with the GGUF and Modelfile from tunepipe's models/export/",
-             f"llama-cli -m {gguf_name} -cnv               # llama.cpp: the chat template is in the GGUF",
-             "```", "", body.strip(), ""]
-    return "\n".join(lines)
-
-
-def strip_front_matter(card: str) -> str:
-    """A model card's text without its YAML header."""
-    match = re.match(r"^---\n.*?\n---\n", card, re.DOTALL)
-    return card[match.end():] if match else card
-
-
-def hub_datasets(manifest: dict) -> list[str]:
-    """Hub data set ids the training data came from (none for generated or local data)."""
-    ids = []
-    for role in ("sft", "preference"):
-        source = (manifest.get(role) or {}).get("source") or {}
-        if source.get("source") == "hub" and source.get("id"):
-            ids.append(source["id"])
-    return sorted(set(ids))
-
-
-# --------------------------------------------------------------------------- the Hub
-
-
-def push_to_hub(repo_id: str, folder: Path, extra_files: Sequence[Path], private: bool, api=None) -> str:
-    """Upload the Hub folder and the GGUF/Modelfile beside it; the token comes only from $HF_TOKEN.
-
-    The token is handed to the client in memory: never logged, written or put in a URL."""
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise StageError("export.push_to_hub is set but HF_TOKEN is not in the environment "
-                         "(export HF_TOKEN=hf_... with write access; it is never written anywhere)")
-    if api is None:
-        from huggingface_hub import HfApi, constants
-
-        if constants.HF_HUB_OFFLINE:
-            raise StageError("export.push_to_hub: the Hub is switched off here (HF_HUB_OFFLINE=1); unset it")
-        api = HfApi()
-    try:
-        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                          commit_message="tunepipe export")
-        for f in extra_files:
-            api.upload_file(repo_id=repo_id, path_or_fileobj=str(f), path_in_repo=f.name, token=token,
-                            commit_message=f"tunepipe export: {f.name}")
-    except StageError:
-        raise
-    except Exception as exc:  # the message may quote the request; keep the token out of it
-        raise StageError(f"export.push_to_hub {repo_id}: upload failed: {str(exc).replace(token, '<HF_TOKEN>')}") \
-            from None
-    return f"https://huggingface.co/{repo_id}"

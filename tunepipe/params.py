@@ -262,7 +262,7 @@ class Merge(Section):
 
 
 class Export(Section):
-    """The export stage (stages/export.py, tunepipe/export.py): GGUF, Ollama Modelfile, Hub folder."""
+    """The export stage (stages/export.py, tunepipe/export.py): GGUF, Ollama Modelfile, round trip."""
 
     gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = Field(
         "f16", description="GGUF tensor type; the ones llama.cpp's converter writes without a compiled binary")
@@ -273,6 +273,11 @@ class Export(Section):
     llama_cpp: Literal["auto", "require", "off"] = Field(
         "auto", description="also generate with a compiled llama.cpp (the llama-cpp-python package): auto = "
                             "when installed, require = fail without it, off = never")
+
+
+class Publish(Section):
+    """The publish stage (stages/publish.py, tunepipe/hub.py): models/hub/ with a model card, the upload."""
+
     license: Optional[str] = Field("apache-2.0", description="licence id in the Hub model card (the base model's)")
     push_to_hub: Optional[str] = Field(None, description="upload to this Hub repo id (owner/name), token from "
                                                         "$HF_TOKEN only; None: no upload")
@@ -374,6 +379,7 @@ class Params(Section):
     report: Report = Report()
     forgetting: Forgetting = Forgetting()
     export: Export = Export()
+    publish: Publish = Publish()
 
 
 # --------------------------------------------------------------------------- loading
