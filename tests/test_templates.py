@@ -114,7 +114,7 @@ def test_roundtrip_check(smol_tokenizer):
 def test_templated_rows_keep_answer_separate_without_eos(smol_tokenizer):
     render = make_renderer("chat", smol_tokenizer)
     row = template_sft(record(id=7), render)
-    assert set(row) == {"id", "prompt", "completion", "meta"}
+    assert set(row) == {"id", "prompt", "completion", "instruction", "meta"}
     assert row["id"] == "7" and row["completion"] == "5" and row["meta"]["check"]["answer"] == "5"
     assert not row["prompt"].endswith("5")
     pref = template_pref(pref_record(), render)
