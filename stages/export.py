@@ -109,6 +109,11 @@ def main(params: Params) -> None:
             shutil.copy2(FINAL / "generation_config.json", tmp / "generation_config.json")
 
     # -------------------------------------------------------------------- record
+    round_trip = {"prompts": len(results), "new_tokens": cfg.check_new_tokens, "atol": atol,
+                  "greedy_same": sum(r["same_tokens"] for r in results), "tokenizer_same": True,
+                  "max_logit_diff": round(max(r["max_logit_diff"] for r in results), DECIMALS),
+                  "items": [{k: round(v, DECIMALS) if isinstance(v, float) else v for k, v in r.items()
+                             if not k.endswith("_tokens")} for r in results]}
     write_json(METRICS, {
         "gguf": {"file": gguf_name, "type": cfg.gguf_type, "bytes": (OUT / gguf_name).stat().st_size,
                  "sha256": sha256_file(OUT / gguf_name),
@@ -116,19 +121,14 @@ def main(params: Params) -> None:
                  "metadata": {k: v for k, v in meta.items() if k != "chat_template"},
                  "chat_template_kept": meta["chat_template"] == tokenizer.chat_template,
                  "metadata_added": fixes, "stop_ids": stops},
-        "round_trip": {"prompts": len(results), "new_tokens": cfg.check_new_tokens, "atol": atol,
-                       "greedy_same": sum(r["same_tokens"] for r in results), "tokenizer_same": True,
-                       "max_logit_diff": round(max(r["max_logit_diff"] for r in results), DECIMALS),
-                       "items": [{k: round(v, DECIMALS) if isinstance(v, float) else v for k, v in r.items()
-                                  if not k.endswith("_tokens")} for r in results]},
+        "round_trip": round_trip,
         "llama_cpp": llama_cpp,
         "modelfile": {"template": family.name if family else None, "system": system is not None,
                       "stops": stop_texts},
     })
     log.info("export: %s, Modelfile (%s); round trip: %d/%d prompts with the same greedy tokens, "
              "max |logit difference| %.3g (tolerance %g); %.0f s", gguf_name, family.name if family else "no TEMPLATE",
-             sum(r["same_tokens"] for r in results), len(results), max(r["max_logit_diff"] for r in results), atol,
-             time.perf_counter() - started)
+             round_trip["greedy_same"], len(results), round_trip["max_logit_diff"], atol, time.perf_counter() - started)
 
 
 def llama_cpp_results(export, reference, ids, generated, results, atol, tokenizer) -> dict:

@@ -301,20 +301,10 @@ def load_gguf(path: Path):
 
 
 def greedy(model, ids: list[int], new_tokens: int, stops: Sequence[int]) -> list[int]:
-    import torch
+    """The greedy answer to one prompt, by evaluate's own decoding loop (stop id included)."""
+    from tunepipe.generation import Decoding, decode_batch
 
-    out = []
-    with torch.no_grad():
-        past, x = None, torch.tensor([ids])
-        for _ in range(new_tokens):
-            step = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            nxt = int(step.logits[0, -1].argmax())
-            out.append(nxt)
-            if nxt in stops:
-                break
-            x = torch.tensor([[nxt]])
-    return out
+    return decode_batch(model, [ids], Decoding(max_new_tokens=new_tokens), list(stops), pad_id=0)[0]  # no padding
 
 
 def next_token_logits(model, ids: list[int], n: int):
