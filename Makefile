@@ -11,7 +11,7 @@ CONVERTER := $(VENV)/llama.cpp-$(LLAMA_CPP_PYTHON)/convert_hf_to_gguf.py
 # dvc.yaml runs `python -m stages.<name>`: make that python the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro reference test test-fast bench diff lock clean
+.PHONY: setup repro reference test test-fast bench diff methods lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ bench: setup
 
 diff: setup
 	bash scripts/metrics_diff.sh
+
+# The alignment methods side by side (docs/alignment.md): queue one DVC experiment per algorithm,
+#   dvc exp run --queue -n grpo -S train_dpo.algorithm=grpo     (and kto, orpo, rloo likewise)
+#   dvc queue start -j 1      (then dvc queue status until all have finished)
+# then  make methods ARGS="--baseline main grpo kto orpo rloo"  (no ARGS: every experiment of HEAD).
+methods: setup
+	$(BIN)/python -m tunepipe.methods $(ARGS)
 
 # Re-pin every dependency from the environment we run on.
 lock: setup

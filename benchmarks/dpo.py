@@ -10,7 +10,7 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
 
     baseline   DPOConfig defaults (gradient checkpointing on, reference log-probs computed every step
                by a forward with the adapter switched off), fp32 (TRL's bf16 default forced off)
-    ours       stages.train_dpo.build_trainer with params.train_dpo (LM head only at completion
+    ours       tunepipe.preference.build_dpo_trainer with params.train_dpo (LM head only at completion
                positions, no checkpointing, params' precision; the default
                params compute the reference each step too, as the default run trains on fewer
                pairs than the data set holds and precomputing all of them would cost more)
@@ -38,16 +38,16 @@ VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_
             "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
             "ours-all_positions": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
-SWITCHED_OFF = {"ours-all_positions": ("stages.train_dpo", "score_only_labelled_positions")}
+SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions")}
 
 
 def train_once(spec: dict) -> dict:
     from transformers import set_seed
 
     from benchmarks.sft import StepClock
-    from stages.train_dpo import build_trainer, fit_prompts, load_pref_data
     from tunepipe.modeling import load_for_training, load_tokenizer, resolve_precision
     from tunepipe.params import load_params
+    from tunepipe.preference import build_dpo_trainer, fit_prompts, load_pref_data
     from tunepipe.training import TrainingRun
 
     ws = Path(spec["workspace"])
@@ -76,8 +76,9 @@ def train_once(spec: dict) -> dict:
     if spec["variant"] == "baseline":
         trainer = plain_trainer(model, tokenizer, data["train"], cfg, seed, peft_config, out / "ckpt")
     else:
-        trainer = build_trainer(model, None, tokenizer, data, cfg, seed=seed, precision=resolve_precision(cfg.precision),
-                                peft_config=peft_config, run=TrainingRun(out / "live", None), output_dir=out / "ckpt")
+        trainer = build_dpo_trainer(model, None, tokenizer, data, cfg, seed=seed,
+                                    precision=resolve_precision(cfg.precision), peft_config=peft_config,
+                                    run=TrainingRun(out / "live", None), output_dir=out / "ckpt")
     built = time.perf_counter()
     clock = StepClock()
     trainer.add_callback(clock)

@@ -30,9 +30,9 @@ def run(steps: int, ws: Path, precision: str, params_path=None, scratch: Path | 
 
     from transformers import set_seed
 
-    from stages.train_dpo import build_trainer, fit_prompts, load_pref_data
     from tunepipe.modeling import load_for_training, load_tokenizer
     from tunepipe.params import load_params
+    from tunepipe.preference import build_dpo_trainer, fit_prompts, load_pref_data
     from tunepipe.training import TrainingRun
 
     params = load_params(params_path or ws / "params.yaml")
@@ -45,9 +45,9 @@ def run(steps: int, ws: Path, precision: str, params_path=None, scratch: Path | 
     train = fit_prompts(train.select(range(steps * cfg.batch_size)), tokenizer, cfg.max_prompt_length)
     model, peft_config = load_for_training(ws / "models/base", cfg, tokenizer, trust_remote_code=False)
     out = Path(scratch or tempfile.mkdtemp(prefix="tunepipe-dpo-precision-"))
-    trainer = build_trainer(model, None, tokenizer, {"train": train}, cfg, seed=params.shared.seed,
-                            precision=precision, peft_config=peft_config, run=TrainingRun(out / precision, None),
-                            output_dir=out / precision / "ckpt")
+    trainer = build_dpo_trainer(model, None, tokenizer, {"train": train}, cfg, seed=params.shared.seed,
+                                precision=precision, peft_config=peft_config,
+                                run=TrainingRun(out / precision, None), output_dir=out / precision / "ckpt")
     initial = lora_state(trainer.model)
     trainer.train()
     logs = [{k: h.get(k) for k in LOG_KEYS} | {"step": h["step"]} for h in trainer.state.log_history if "loss" in h]
@@ -90,7 +90,7 @@ def main(steps: int = 4, ws: Path | None = None, params_path=None, rounded_delta
     ws = harness.workspace(ws)
     set_cpu_threads()
     if rounded_deltas:
-        harness.switch_off("stages.train_dpo", "keep_lora_deltas_in_fp32")
+        harness.switch_off("tunepipe.preference", "keep_lora_deltas_in_fp32")
     fp32, fp32_logs, start = run(steps, ws, "fp32", params_path)
     trained = {"fp32": lora_state(fp32.model)}
     bf16, bf16_logs, _ = run(steps, ws, "bf16", params_path)

@@ -21,7 +21,8 @@ Writes data/eval/<model>/ (replaced atomically):
   generations.jsonl  one row per SFT prompt: prompt, reference, output, length, stop
                      flags, task verdict, failure kinds, per-item ROUGE, ref_logp/ref_tokens
   preferences.jsonl  one row per pair: chosen/rejected log-probs and token counts, margin, correct
-                     (empty without preference data: fetch.preference.source none)
+                     (empty without preference pairs: fetch.preference.source none, or unpaired
+                     data, fetch.preference.format unpaired, whose rows have one answer each)
   generation.json    the answer length limit used, and how it was chosen (evaluate.max_new_tokens:
                      auto derives it from the training answers in data/templated/sft_train.jsonl)
 
@@ -51,10 +52,17 @@ DECIMALS = 4
 
 
 def read_test(kind: str, max_examples: int | None) -> list[dict]:
+    from tunepipe.templates import is_unpaired
+
     path = TEMPLATED / f"{kind}_test.jsonl"
     if not path.exists():
         raise StageError(f"{path} is missing; run the template stage first (dvc repro template)")
     rows = read_jsonl(path)[:max_examples]
+    if kind == "pref" and rows and is_unpaired(rows[0]):
+        # preference accuracy asks which of two answers the model prefers: one answer has no such question
+        log.info("%s holds unpaired rows (one answer and a label each, fetch.preference.format: unpaired): "
+                 "preference accuracy needs pairs and is not measured", path)
+        return []
     for n, row in enumerate(rows, 1):
         for field in FIELDS[kind]:
             if not isinstance(row.get(field), str):

@@ -5,7 +5,8 @@
 Reads ``shared`` (seed, base_model, trust_remote_code) and ``fetch``. Writes
 ``models/base/`` (safetensors model, tokenizer with chat template,
 generation_config) and ``data/raw/`` (``sft_{train,val,test}.jsonl``,
-``pref_{train,val,test}.jsonl``, ``tokenizer/`` (the base model's tokenizer and
+``pref_{train,val,test}.jsonl`` (pairs; with fetch.preference.format: unpaired, one answer and its
+label per row), ``tokenizer/`` (the base model's tokenizer and
 generation_config, all that the data stages read of the model, so a change to the
 weights alone does not re-template the data) and ``manifest.json``: sources,
 revisions, row and skip counts, sha256 of every file and of the model folder). Both folders are

@@ -10,14 +10,14 @@ Writes  models/final/: safetensors weights in merge.dtype, the tokenizer with it
         template, generation_config.json (EOS and pad ids) and a model card (README.md)
 
 The base is always loaded unquantized, whatever the training method: merging into
-dequantized 4-bit weights would bake their rounding error into the result. Before
-saving, the merged model's logits are compared with base + adapters (unmerged,
-both active) on a few prompts; a difference above merge.check_atol stops the stage.
+dequantized 4-bit weights would bake their rounding error into the result. The
+adapters are merged in training order, each checked on a few prompts: the logits
+after merging it against those of the adapter applied unmerged to the model before
+it (the model it was trained on); a difference above merge.check_atol stops the stage.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -28,8 +28,8 @@ import yaml
 
 from tunepipe.artifacts import atomic_path, read_json
 from tunepipe.cli import StageError, run_stage
-from tunepipe.modeling import (fit_embeddings, is_adapter_dir, load_model, load_tokenizer, set_cpu_threads,
-                               skipped_reason, with_adapters_merged)
+from tunepipe.modeling import (ADAPTER_CONFIG, check_safetensors, fit_embeddings, is_adapter_dir, load_model,
+                               load_tokenizer, set_cpu_threads, skipped_reason)
 from tunepipe.params import Params
 from tunepipe.training import TRAINING_RECORD
 
@@ -62,17 +62,14 @@ def main(params: Params) -> None:
     fit_embeddings(base, tokenizer)
     base.eval()
 
-    # ---- evaluate: merged weights must reproduce base + adapters
+    # ---- merge and evaluate: merged weights must reproduce base + adapters
     inputs = check_inputs(TOKENIZED / "sft", cfg.check_prompts)
-    merged = with_adapters_merged(copy.deepcopy(base), adapters).eval()
-    reference = stacked_adapters(base, adapters)
-    diff = max_logit_diff(reference, merged, inputs)
+    merged, diff = merge_checked(base, adapters, inputs)
     log.info("merge check: max |logit difference| merged vs base+adapters = %.3g over %d prompts (atol %g)",
              diff, len(inputs), cfg.check_atol)
     if not diff <= cfg.check_atol:
         raise StageError(f"merged model differs from base + adapters by {diff:.3g} > merge.check_atol "
                          f"{cfg.check_atol}; the adapters do not match this base model")
-    del reference, base
 
     # ---- save
     merged = merged.to(getattr(torch, cfg.dtype))
@@ -101,18 +98,33 @@ def merge_plan(base: Path, stage_dirs: list[Path]) -> tuple[Path, list[Path]]:
     return start, adapters
 
 
-def stacked_adapters(base, adapters: list[Path]):
-    """``base`` with every adapter loaded unmerged and all of them active at once."""
-    if not adapters:
-        return base
+def merge_checked(model, adapters: list[Path], inputs: list[list[int]]):
+    """(``model`` with each adapter merged in turn, the largest |logit difference| of a merge).
+
+    Each merge is compared with its adapter applied unmerged to the model before it: the model
+    it was trained on (train-dpo trains on the base with the SFT adapter merged). All adapters
+    active at once on the base would match only plain LoRA: DoRA divides by the norm of the
+    weight it was trained on, which there would lack the earlier adapters.
+    """
     from peft import PeftModel
 
-    names = [f"stage{i}" for i in range(len(adapters))]
-    model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0], is_trainable=False)
-    for name, path in zip(names[1:], adapters[1:]):
-        model.load_adapter(path, adapter_name=name, is_trainable=False)
-    model.base_model.set_adapter(names, inference_mode=True)
-    return model.eval()
+    worst = 0.0
+    for adapter in adapters:
+        if not is_adapter_dir(adapter):
+            raise StageError(f"{adapter}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        check_safetensors(adapter)
+        unmerged = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+        want = logits(unmerged, inputs)  # kept, not the model: merging changes its weights in place
+        model = unmerged.merge_and_unload().eval()
+        worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(logits(model, inputs), want)])
+    return model, worst
+
+
+def logits(model, inputs: list[list[int]]) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits.float() for ids in inputs]
 
 
 def check_inputs(sft_dir: Path, n: int) -> list[list[int]]:
@@ -122,17 +134,6 @@ def check_inputs(sft_dir: Path, n: int) -> list[list[int]]:
     data = load_from_disk(str(sft_dir), keep_in_memory=True)
     split = data["validation"] if "validation" in data else data["train"]
     return [row for row in split.select(range(min(n, len(split))))["input_ids"]]
-
-
-def max_logit_diff(a, b, inputs: list[list[int]]) -> float:
-    import torch
-
-    worst = 0.0
-    with torch.no_grad():
-        for ids in inputs:
-            x = torch.tensor([ids])
-            worst = max(worst, (a(input_ids=x).logits.float() - b(input_ids=x).logits.float()).abs().max().item())
-    return worst
 
 
 def set_generation_ids(model, tokenizer) -> None:
@@ -157,16 +158,19 @@ def model_card(params: Params, diff: float, start: Path, adapters: list[Path]) -
     trained = {name: record["params"] for name, record in records.items()}
     sft, dpo = trained.get("sft", {}), trained.get("dpo", {})
     skipped = skipped_reason(STAGES["dpo"])
+    algorithm = dpo.get("algorithm", "dpo")  # a training.json from before train_dpo.algorithm: DPO
+    loss = f", loss {dpo.get('loss_type')}" if algorithm == "dpo" else ""
     dpo_text = (f"DPO skipped ({skipped})" if skipped else
-                f"then DPO ({dpo.get('method')}, loss {dpo.get('loss_type')}, beta {dpo.get('beta')})")
+                f"then {algorithm.upper()} ({dpo.get('method')}{loss}, beta {dpo.get('beta')})")
     lines = [
         "---",
         yaml.safe_dump({"base_model": base.name, "library_name": "transformers", "pipeline_tag": "text-generation",
-                        "tags": ["tunepipe", "sft", *([] if skipped else ["dpo"]), sft.get("method", "unknown")]},
+                        "tags": ["tunepipe", "sft", *([] if skipped else [algorithm]), sft.get("method", "unknown")]},
                        sort_keys=False).strip(),
         "---",
         "",
-        f"# {base.name.split('/')[-1]}, fine-tuned with tunepipe ({'SFT' if skipped else 'SFT + DPO'})",
+        f"# {base.name.split('/')[-1]}, fine-tuned with tunepipe "
+        f"({'SFT' if skipped else 'SFT + ' + algorithm.upper()})",
         "",
         f"- Base model: `{base.name}` (source: {base.source}"
         + (f", revision {base.revision}" if base.revision else "")

@@ -5,7 +5,8 @@
 Reads data/raw/{sft,pref}_{train,val,test}.jsonl and the base model's tokenizer in data/raw/tokenizer,
 and writes data/templated/ with the same file names: SFT rows
 {"id", "prompt", "completion", "meta"} and preference rows {"id", "prompt",
-"chosen", "rejected", "meta"}. The prompt is the exact text the model sees up to
+"chosen", "rejected", "meta"} (unpaired data, fetch.preference.format: unpaired:
+{"id", "prompt", "completion", "label", "meta"}). The prompt is the exact text the model sees up to
 its answer; answers carry no EOS (tokenize appends it). The files are readable
 jsonl so a person can inspect what the model will see. When template.chat_template
 replaces the tokenizer's template, it is written as data/templated/chat_template.jinja
@@ -30,19 +31,22 @@ RAW = Path("data/raw")
 TOKENIZER = Path("data/raw/tokenizer")  # the base model's, saved by fetch
 OUT = Path("data/templated")
 SPLITS = ("train", "val", "test")
-KINDS = {"sft": ("output",), "pref": ("chosen", "rejected")}
+KINDS = ("sft", "pref")
 
 
-def read_records(path: Path, answers: tuple[str, ...]) -> list[dict]:
-    from tunepipe.templates import check_record
+def read_records(path: Path, kind: str) -> list[dict]:
+    from tunepipe.templates import check_pref_record, check_record
 
     if not path.exists():
         raise StageError(f"{path} is missing; run the fetch stage first (dvc repro fetch)")
     records = read_jsonl(path)
-    if not records and answers == KINDS["sft"]:  # empty preference files: fetch.preference.source none
+    if not records and kind == "sft":  # empty preference files: fetch.preference.source none
         raise DataError(f"{path}: no records")
     for n, record in enumerate(records, 1):
-        check_record(record, answers, f"{path}: record {n}")
+        if kind == "sft":
+            check_record(record, ("output",), f"{path}: record {n}")
+        else:  # a pair, or an unpaired row (one answer and its label)
+            check_pref_record(record, f"{path}: record {n}")
     return records
 
 
@@ -77,8 +81,12 @@ def main(params: Params) -> None:
     cfg = params.template
 
     # ---------------------------------------------------------------- data
-    inputs = {(kind, split): read_records(RAW / f"{kind}_{split}.jsonl", answers)
-              for kind, answers in KINDS.items() for split in SPLITS}
+    from tunepipe.templates import preference_kind
+
+    inputs = {(kind, split): read_records(RAW / f"{kind}_{split}.jsonl", kind) for kind in KINDS for split in SPLITS}
+    # every preference file holds pairs, or every one unpaired rows: train-dpo trains on one kind
+    preference_kind([r for (kind, _), records in inputs.items() if kind == "pref" for r in records],
+                    f"{RAW}/pref_*.jsonl")
 
     # ---------------------------------------------------------------- tokenizer
     from transformers import AutoTokenizer

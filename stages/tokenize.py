@@ -6,10 +6,12 @@ Writes data/tokenized/ (one folder, replaced atomically):
   sft/        DatasetDict train/validation: input_ids (prompt + answer + EOS once),
               labels (-100 on the prompt unless tokenize.train_on_prompt), length
   pref/       DatasetDict train/validation: prompt, chosen, rejected strings (TRL
-              tokenizes them and appends the EOS); pairs over max_length dropped.
-              Absent when there are no preference pairs (fetch.preference.source: none)
+              tokenizes them and appends the EOS); pairs over max_length dropped. From
+              unpaired data (fetch.preference.format: unpaired): prompt, completion, label
+              (bool) instead. Absent when there is no preference data (fetch.preference.source: none)
   tokenizer/  the tokenizer every later stage loads: pad != EOS, padding_side right
-  info.json   pad / EOS / BOS ids, whether a pad was added, generation padding side
+  info.json   pad / EOS / BOS ids, whether a pad was added, generation padding side,
+              preference_kind (paired | unpaired | null when there is none), preference_pairs
 and metrics/tokenize.json (kept / truncated / dropped counts and token-length
 min, mean, p95, max per split). The test split is not tokenized: evaluate reads
 data/templated/*_test.jsonl. See tunepipe/tokenization.py for the exact rules.
@@ -35,18 +37,23 @@ OUT = Path("data/tokenized")
 METRICS = Path("metrics/tokenize.json")
 SPLITS = {"train": "train", "val": "validation"}  # file split -> DatasetDict split
 COLUMNS = {"sft": ("prompt", "completion"), "pref": ("prompt", "chosen", "rejected")}
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")  # pref rows of unpaired (thumbs up/down) data
 
 
 def read_templated(kind: str, split: str) -> tuple[Path, list[dict]]:
+    from tunepipe.templates import is_unpaired
+
     path = TEMPLATED / f"{kind}_{split}.jsonl"
     if not path.exists():
         raise StageError(f"{path} is missing; run the template stage first (dvc repro template)")
     rows = read_jsonl(path)
+    columns = UNPAIRED_COLUMNS if kind == "pref" and rows and is_unpaired(rows[0]) else COLUMNS[kind]
     for n, row in enumerate(rows, 1):
-        for key in COLUMNS[kind]:
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{path}: record {n} (id {row.get('id')!r}): field '{key}' must be a string")
-    return path, [{key: row[key] for key in COLUMNS[kind]} for row in rows]
+        for key in columns:
+            expected, name = (bool, "true or false") if key == "label" else (str, "a string")
+            if not isinstance(row.get(key), expected):
+                raise DataError(f"{path}: record {n} (id {row.get('id')!r}): field '{key}' must be {name}")
+    return path, [{key: row[key] for key in columns} for row in rows]
 
 
 def run_map(ds, fn, fn_kwargs: dict, num_proc: int, desc: str, remove_columns: list[str]):
@@ -99,6 +106,9 @@ def measure_pref(path: Path, rows: list[dict], tokenizer, bos: bool, cfg):
         stats.pop(key)
     stats["prompt_length"] = length_stats([n for n, s in zip(ds["prompt_length"], status) if s in KEEP])
     kept = keep_rows(ds, path, cfg, truncatable=False)  # TRL gets whole pairs: never truncated here
+    if "label" in kept.column_names:  # unpaired: how many good and bad answers KTO gets
+        stats["desirable"] = sum(kept["label"])
+        stats["undesirable"] = len(kept) - stats["desirable"]
     return kept.remove_columns(["prompt_length", "raw_length", "status"]), stats
 
 
@@ -106,10 +116,14 @@ def main(params: Params) -> None:
     cfg = params.tokenize
 
     # ---------------------------------------------------------------- data
+    from tunepipe.templates import preference_kind
+
     inputs = {(kind, split): read_templated(kind, split) for kind in COLUMNS for split in SPLITS}
-    if not any(rows for (kind, _), (_, rows) in inputs.items() if kind == "pref"):
+    pref_kind = preference_kind([row for (kind, _), (_, rows) in inputs.items() if kind == "pref" for row in rows],
+                                f"{TEMPLATED}/pref_*.jsonl")
+    if pref_kind is None:
         # fetch.preference.source: none. No pref/ folder: train-dpo sees there is nothing to train on.
-        log.info("no preference pairs: data/tokenized/pref is not written, DPO will be skipped")
+        log.info("no preference data: data/tokenized/pref is not written, train-dpo will be skipped")
         inputs = {key: value for key, value in inputs.items() if key[0] != "pref"}
     for path, rows in inputs.values():
         if not rows:
@@ -150,7 +164,7 @@ def main(params: Params) -> None:
             "bos_token_id": tokenizer.bos_token_id, "prompt_bos_added": bos, "vocab_size": len(tokenizer),
             "padding_side": "right", "generation_padding_side": "left", "max_length": cfg.max_length,
             "overlong": cfg.overlong, "train_on_prompt": cfg.train_on_prompt, "truncated_answers_end_with_eos": False,
-            "preference_pairs": bool(datasets["pref"])}
+            "preference_kind": pref_kind, "preference_pairs": pref_kind == "paired"}
     with atomic_path(OUT, is_dir=True) as tmp:
         for kind in datasets:
             if datasets[kind]:

@@ -23,9 +23,9 @@ from tunepipe.artifacts import write_json
 from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads, trainable_parameters
 from tunepipe.params import Params
-from tunepipe.training import (TrainingRun, choose_precision, finish_training, launch_processes, provenance,
-                               resume_point, save_trained, score_only_labelled_positions, trainer_arguments,
-                               training_record)
+from tunepipe.training import (TrainingRun, choose_precision, finish_training, launch_processes, load_splits,
+                               provenance, resume_point, save_trained, score_only_labelled_positions,
+                               trainer_arguments, training_record)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -99,22 +99,8 @@ def main(params: Params) -> None:
 
 
 def load_sft_data(path: Path):
-    """The tokenized SFT splits, in memory: TRL's dataset maps must not write cache files into data/."""
-    from datasets import load_from_disk
-
-    try:
-        data = load_from_disk(str(path), keep_in_memory=True)
-    except (FileNotFoundError, ValueError) as exc:
-        raise StageError(f"{path}: cannot load the tokenized SFT data: {exc}") from None
-    if "train" not in data:
-        raise StageError(f"{path}: no 'train' split (found {sorted(data)})")
-    for split, ds in data.items():
-        missing = {"input_ids", "labels"} - set(ds.column_names)
-        if missing:
-            raise StageError(f"{path}/{split}: missing column(s) {sorted(missing)}")
-        if len(ds) == 0:
-            raise StageError(f"{path}/{split}: empty split")
-    return {k: v for k, v in data.items() if k in ("train", "validation")}
+    """The tokenized SFT splits (train, validation), in memory."""
+    return load_splits(path, "the tokenized SFT data", ["input_ids", "labels"])
 
 
 def padding_free_supported(model) -> bool:

@@ -25,8 +25,9 @@ def tiny_params(base_dir: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["shared"]["base_model"].update(source="local", path=base_dir, name="tiny-llama-test")
     params["fetch"]["generated"].update(n_train=24, n_val=8, n_test=8, n_pref_train=16, n_pref_val=8, n_pref_test=8)
-    for stage in ("train_sft", "train_dpo"):
+    for stage in ("train_sft", "train_dpo", "train_reward"):
         params[stage].update(max_steps=4, batch_size=4, logging_steps=1, eval_steps=2, save_steps=2)
+    params["train_dpo"].update(heldout_prompts=4, max_completion_length=8)
     params["evaluate"].update(max_new_tokens=8, batch_size=4)
     params["report"]["n_samples"] = 2
     return params

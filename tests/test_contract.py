@@ -14,6 +14,7 @@ files and modules it reads. Then, per stage:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.dvcproject import copy_project
 from tunepipe.params import BOOKKEEPING_KEYS
@@ -33,7 +35,10 @@ INFRASTRUCTURE = {"params.yaml", "stages/__init__.py", "tunepipe/__init__.py", "
                   "tunepipe/cli.py", "tunepipe/artifacts.py", "tunepipe/environment.py"}
 # Training checkpoints: resumed only under the same fingerprint, deliberately not DVC outputs.
 NOT_OUTPUTS = ["models/checkpoints"]
-UNDECLARED_KEYS = {f"{section}.{key}" for section in ("train_sft", "train_dpo") for key in BOOKKEEPING_KEYS}
+UNDECLARED_KEYS = {f"{section}.{key}" for section in ("train_sft", "train_dpo", "train_reward")
+                   for key in BOOKKEEPING_KEYS}
+# Stages that do their work only under some params are probed under those (and the params put back after).
+PROBE_PARAMS = {"train-reward": {"train_dpo": {"algorithm": "grpo", "reward": "model"}}}
 
 
 def declared_stages(root: Path) -> list[dict]:
@@ -56,8 +61,9 @@ def probed(reproduced_project, tmp_path_factory):
         args = shlex.split(stage["cmd"])
         assert args[:2] == ["python", "-m"], stage["cmd"]
         result = root / f".probe-{stage['name']}.json"
-        proc = subprocess.run([sys.executable, str(PROBE), str(result), *args[1:]], cwd=root, capture_output=True,
-                              text=True, timeout=900, env={**env, "PYTHONDONTWRITEBYTECODE": "1"})
+        with probe_params(root, PROBE_PARAMS.get(stage["name"], {})):
+            proc = subprocess.run([sys.executable, str(PROBE), str(result), *args[1:]], cwd=root, capture_output=True,
+                                  text=True, timeout=900, env={**env, "PYTHONDONTWRITEBYTECODE": "1"})
         assert proc.returncode == 0, f"{stage['name']}:\n{proc.stderr[-3000:]}"
         read = json.loads(result.read_text())
         assert read["exit"] == 0, f"{stage['name']} exited {read['exit']}:\n{proc.stderr[-3000:]}"
@@ -66,13 +72,28 @@ def probed(reproduced_project, tmp_path_factory):
     return out
 
 
+@contextlib.contextmanager
+def probe_params(root: Path, changes: dict):
+    """params.yaml with ``changes`` ({section: {key: value}}) for one probe, then as it was."""
+    path = root / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
 def covered(key: str, by: list[str], sep: str = ".") -> bool:
     """``key`` is one of ``by`` or inside one of them (params: sep ".", paths: sep "/")."""
     return any(key == d or key.startswith(d.rstrip(sep) + sep) for d in by)
 
 
 def test_every_stage_was_probed(probed):
-    assert {"fetch", "template", "tokenize", "train-sft", "train-dpo", "merge", "evaluate@base", "evaluate@sft",
+    assert {"fetch", "template", "tokenize", "train-sft", "train-reward", "train-dpo", "merge", "evaluate@base", "evaluate@sft",
             "evaluate@final", "compare", "report"} <= set(probed)
 
 

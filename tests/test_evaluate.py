@@ -148,3 +148,16 @@ def test_instruction_as_written_and_no_preference_pairs(project):
     assert prefs == []
     assert [g["instruction"] for g in gens] == [t["instruction"] for t in tests]
     assert all("<|im_start|>" in g["prompt"] and "<|im_start|>" not in g["instruction"] for g in gens)
+
+
+def test_unpaired_preference_rows_are_not_scored(project, caplog):
+    """Thumbs up/down rows (fetch.preference.format: unpaired) have no second answer to prefer: skipped, said so."""
+    import logging
+
+    rows = read_jsonl("data/templated/pref_test.jsonl")
+    write_jsonl("data/templated/pref_test.jsonl", [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"],
+                                                   "label": True, "meta": r["meta"]} for r in rows])
+    with caplog.at_level(logging.INFO, logger="tunepipe"):
+        gens, prefs = run(params(), "base")
+    assert prefs == [] and len(gens) == N_SFT
+    assert "pref_test.jsonl holds unpaired rows" in caplog.text and "not measured" in caplog.text

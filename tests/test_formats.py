@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.trainingdata import unpaired_source
 from tunepipe.artifacts import DataError
 from tunepipe.formats import convert_rows
 from tunepipe.params import DataSource, Fetch, RowFilter
@@ -125,6 +126,48 @@ def test_hh_rlhf_shared_prefix_becomes_the_prompt(tmp_path):
     assert rec["history"] == [{"role": "user", "content": "Hi there"},
                               {"role": "assistant", "content": "Hello! How can I help?"}]
     assert (rec["chosen"], rec["rejected"]) == ("Octopuses have three hearts.", "No.")
+
+
+def test_unpaired_rows_take_every_way_of_writing_a_label(tmp_path):
+    conv = [{"role": "user", "content": "Capital of France?"}]
+    path = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "Add 2 and 3.", "completion": "5", "label": True},
+        {"prompt": "Add 2 and 3.", "completion": "6", "label": "down"},
+        {"prompt": "Name a color.", "completion": "Red.", "label": 1},
+        {"prompt": "Name a color.", "completion": "Car.", "label": " BAD "},
+        {"prompt": "Name a fruit.", "completion": [{"role": "assistant", "content": "Apple."}], "label": "Good"},
+        {"prompt": "ignored", "completion": conv + [{"role": "assistant", "content": "Paris."}], "label": "up"},
+        {"prompt": "Say hi.", "completion": "Hi!", "label": 0.0, "system": "Be kind."}])
+    recs, stats = rows_of(unpaired_source(path))
+    assert [(r["instruction"], r["completion"], r["label"]) for r in recs] == [
+        ("Add 2 and 3.", "5", True), ("Add 2 and 3.", "6", False), ("Name a color.", "Red.", True),
+        ("Name a color.", "Car.", False), ("Name a fruit.", "Apple.", True), ("Capital of France?", "Paris.", True),
+        ("Say hi.", "Hi!", False)]
+    assert recs[6]["system"] == "Be kind." and "chosen" not in recs[0]
+    assert stats["kept"] == 7
+
+    import pandas as pd  # CSV cells are text: "1", "false"
+
+    pd.DataFrame([{"q": "a?", "answer": "b", "thumbs": "1"}, {"q": "c?", "answer": "d", "thumbs": "false"}]).to_csv(
+        tmp_path / "kto.csv", index=False)
+    recs, _ = rows_of(unpaired_source(tmp_path / "kto.csv", fields={"prompt": "q", "completion": "answer",
+                                                               "label": "thumbs"}))
+    assert [(r["instruction"], r["completion"], r["label"]) for r in recs] == [("a?", "b", True), ("c?", "d", False)]
+
+
+def test_a_malformed_label_names_file_row_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"q": "a?", "completion": "b", "thumbs": "up"},
+                                                {"q": "c?", "completion": "d", "thumbs": "meh"},
+                                                {"q": "e?", "completion": "f", "thumbs": 2}])
+    source = unpaired_source(path, fields={"prompt": "q", "label": "thumbs"})
+    with pytest.raises(DataError, match=r"kto\.jsonl row 2: field 'thumbs' \(label\) should be true/false, 1/0, "
+                                        r"up/down or good/bad, got 'meh'"):
+        rows_of(source)
+    recs, stats = rows_of(source, on_bad_row="skip")
+    assert len(recs) == 1 and stats["skipped"] == {"bad_label": 2}
+    no_label = write_jsonl(tmp_path / "nolabel.jsonl", [{"prompt": "a?", "completion": "b"}])
+    with pytest.raises(DataError, match=r"nolabel\.jsonl row 1: missing field 'label' \(label\)"):
+        rows_of(unpaired_source(no_label))
 
 
 def test_csv_parquet_and_save_to_disk_files(tmp_path):

@@ -18,7 +18,7 @@ from tests.dvcproject import DVC, copy_project, dvc_log, dvc_status, run
 
 pytestmark = pytest.mark.e2e
 
-TRAINING = ("train-sft", "train-dpo")
+TRAINING = ("train-sft", "train-reward", "train-dpo")  # train-reward: a cached no-op unless grpo/rloo use a reward model
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,30 @@ def test_changing_a_training_param_back_restores_from_the_run_cache(project):
     log = dvc_log(root, env, "repro", "train-sft")
     assert "Stage 'train-sft' is cached - skipping run" in log and not ran(log)
     assert stale(root, env) == set()
+
+
+def test_switching_the_alignment_algorithm_reruns_only_alignment_and_what_follows(project):
+    root, env = project
+    reward_before = lock_out(root, "train-reward", "models/reward")
+    original = set_params(root, train_dpo__algorithm="kto")
+    try:
+        assert {"train-reward", "train-dpo"} <= set(dvc_status(root, env))
+        assert not {"fetch", "template", "tokenize", "train-sft"} & set(dvc_status(root, env))
+        log = dvc_log(root, env, "repro", "train-dpo")
+        assert ran(log) == {"train-reward", "train-dpo"}
+        # the reward model is not needed by either algorithm: the very same skipped.json, so nothing after it reruns
+        assert lock_out(root, "train-reward", "models/reward") == reward_before
+        assert json.loads((root / "metrics/train_dpo.json").read_text())["algorithm"] == "kto"
+    finally:
+        (root / "params.yaml").write_text(original)
+        run(["git", "checkout", "dvc.lock"], root, env)
+        dvc_log(root, env, "checkout")
+
+
+def lock_out(root: Path, stage: str, path: str) -> str:
+    """The md5 dvc.lock records for one output of a stage."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
 
 
 def test_a_local_data_file_is_a_dependency_of_fetch(project):

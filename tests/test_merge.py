@@ -114,11 +114,18 @@ def test_generation_stops_at_the_saved_eos(workdir):
 
 
 def test_merge_check_catches_a_mismatch(workdir, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner
+
     from stages import merge
 
-    # merging only the SFT adapter cannot reproduce base + SFT + DPO
-    original = merge.with_adapters_merged
-    monkeypatch.setattr(merge, "with_adapters_merged", lambda model, dirs: original(model, list(dirs)[:1]))
+    # the DPO adapter dropped instead of merged cannot reproduce base + SFT + DPO
+    original, merges = BaseTuner.merge_and_unload, []
+
+    def merge_sft_drop_dpo(self, *args, **kwargs):
+        merges.append(self)
+        return original(self, *args, **kwargs) if len(merges) == 1 else self.unload()
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", merge_sft_drop_dpo)
     with pytest.raises(StageError, match="differs from base \\+ adapters"):
         merge.main(tiny_params(merge={"check_atol": 1e-6}))
     assert not Path("models/final").exists()

@@ -480,3 +480,210 @@ def test_skipped_dpo_is_said_with_no_preference_section(free_text):
     assert "Preference accuracy (test pairs)" not in md + page and "DPO reward accuracy" not in md + page
     assert "metrics/train_dpo/plots" not in md  # not "missing": there is nothing to miss
     assert sorted(p.name for p in Path("reports/figures").iterdir()) == ["sft_loss.png"]
+
+
+# --------------------------------------------------------------------------- alignment: reward-hacking checks
+# Files as train-dpo and train-reward write them (DVCLive histories, data/alignment/*.jsonl, the summaries).
+
+ALIGN_PLOTS = Path("metrics/train_dpo/plots/metrics")
+STEPS = [0, 10, 20, 30, 40]
+
+
+def history(name: str, points) -> None:
+    """A DVCLive history: metrics/train_dpo/plots/metrics/<name>.tsv with timestamp, step, <stem>."""
+    path = ALIGN_PLOTS / f"{name}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"timestamp\tstep\t{path.stem}\n" + "".join(f"{1700000000 + s}\t{s}\t{v}\n" for s, v in points))
+
+
+def write_rows(name: str, rows: list[dict]) -> None:
+    Path("data/alignment").mkdir(parents=True, exist_ok=True)
+    Path(f"data/alignment/{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def heldout(n: int, first_pass: int, last_pass: int) -> list[dict]:
+    """n held-out prompts at the first (step 0), a middle and the last evaluation (step 40): the first
+    first_pass pass at step 0, the first last_pass at step 40 (so first_pass - last_pass flipped to fail)."""
+    def row(step, i, ok):
+        answer = f"{i + 1}" if ok else f"The answer is definitely {i + 100}, trust me"
+        return {"step": step, "id": f"v{i}", "instruction": f"What is {i} + 1?", "answer": answer,
+                "tokens": len(answer.split()) * 2, "checker": "pass" if ok else "wrong_answer", "reference": f"{i + 1}"}
+
+    return ([row(0, i, i < first_pass) for i in range(n)] + [row(20, i, i < first_pass) for i in range(n)]
+            + [row(40, i, i < last_pass) for i in range(n)])
+
+
+def rollout(step, i, completion, reward, checker, model=None):
+    return {"step": step, "id": f"p{i}", "instruction": f"Convert {i} km to m.", "completion": completion,
+            "tokens": 7, "reward": reward, "rewards": {"checker": 1.0 if checker == "pass" else 0.0, "model": model},
+            "checker": checker, "reference": f"{i * 1000} m"}
+
+
+def online_run(reward_source="checker", first_pass=20, last_pass=5):
+    """A GRPO run whose reward rose from 0.2 to 0.8; held-out accuracy on 30 prompts went first_pass -> last_pass."""
+    import shutil
+
+    shutil.rmtree("metrics/train_dpo")
+    Path("metrics/train_dpo.json").write_text(json.dumps(
+        {"algorithm": "grpo", "reward_source": reward_source, "beta": 0.04, "train_loss": 0.01}))
+    rising = [(s, 0.2 + 0.15 * i) for i, s in enumerate(STEPS)]
+    history("train/loss", [(s, 0.01) for s in STEPS])
+    history("train/reward", rising)
+    history("train/kl", [(s, 0.01 * i) for i, s in enumerate(STEPS)])
+    history("train/completion_length", [(s, 10 + 5 * i) for i, s in enumerate(STEPS)])
+    history("train/rewards/checker", rising if reward_source == "checker" else [(s, 0.5) for s in STEPS])
+    if reward_source == "model":
+        history("train/rewards/model", rising)
+    history("eval/task_accuracy", [(0, first_pass / 30), (20, first_pass / 30), (40, last_pass / 30)])
+    history("eval/answer_tokens", [(0, 4), (20, 6), (40, 12)])
+    write_rows("heldout", heldout(30, first_pass, last_pass))
+
+
+def section(md: str) -> str:
+    return md.split("## Reward hacking checks")[1].split("\n## ")[0]
+
+
+def test_a_grpo_run_shows_its_algorithm_and_the_reward_hacking_section(project):
+    online_run()
+    write_rows("rollouts", [rollout(s, i, f"{i * 1000} m", 1.0, "pass") for s in STEPS for i in range(4)])
+    md, page = reports()
+    for text in (md, page):
+        assert "Alignment: GRPO, reward: task checker, KL coefficient 0.04." in text
+        assert "DPO reward accuracy" not in text  # GRPO has no chosen-above-rejected accuracy
+    figures = sorted(p.name for p in Path("reports/figures").iterdir())
+    assert {"hacking_reward.png", "hacking_kl.png", "hacking_length.png", "dpo_loss.png"} <= set(figures)
+    assert "dpo_rewards.png" not in figures
+    hacking = section(md)
+    for name in ("hacking_reward", "hacking_kl", "hacking_length"):
+        assert f"(figures/{name}.png)" in hacking
+    assert "![GRPO loss](figures/dpo_loss.png)" in md
+    assert "- Reward (mean over rollouts): 0.2 → 0.8 (first and last logged step)." in hacking
+    assert "- Rollout length in tokens: 10 → 30" in hacking
+    assert "- KL to the reference per token: 0 → 0.04" in hacking
+    assert "The reward is the checker's verdict, so the two cannot disagree." in hacking
+    assert page.index("<h2>Reward hacking checks</h2>") < page.index("<h2>Sample generations</h2>")
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == len(figures)
+
+
+def test_a_dpo_run_without_heldout_prompts_shows_nothing_new(project):
+    md, page = reports()
+    assert "Reward hacking" not in md + page
+    assert "Alignment: DPO, beta 0.1." in md  # train_dpo.json says no algorithm: params.yaml's
+    assert "DPO reward accuracy (train-dpo, validation pairs)" in md
+
+
+def test_reward_up_and_heldout_accuracy_significantly_down_is_flagged(project):
+    online_run(first_pass=20, last_pass=5)
+    md, page = reports()
+    hacking = section(md)
+    assert ("> ⚠️ **Possible reward hacking: the reward rose (0.2 → 0.8) while held-out task accuracy fell "
+            "significantly (66.7% [48.8, 80.8] → 16.7% [7.3, 33.6] on the same 30 prompts, p&lt;0.001, "
+            "exact McNemar).**") in hacking
+    assert ("- Held-out task accuracy on the same 30 prompts: 66.7% [48.8, 80.8] at step 0 → 16.7% [7.3, 33.6] "
+            "at step 40: -50.0 pts, 0 gained, 15 lost (p&lt;0.001, exact McNemar).") in hacking
+    assert "No sign of reward hacking" not in hacking
+    assert "<p class='warning'>⚠️ <b>Possible reward hacking" in page
+    # the prompts that flipped, first and last answer side by side
+    flips = hacking.split("### Held-out prompts that went from pass to fail")[1]
+    assert md_row(flips, "| instruction") == ["instruction", "answer at step 0 (✓)", "answer at step 40 (✗)",
+                                              "reference"]
+    assert md_row(flips, "| What is 5 + 1?") == ["What is 5 + 1?", "6", "The answer is definitely 105, trust me", "6"]
+    assert len([line for line in flips.splitlines() if line.startswith("| What is")]) == 2  # report.n_samples
+
+
+def test_a_drop_that_is_not_significant_is_not_flagged(project):
+    online_run(first_pass=20, last_pass=17)
+    md, _ = reports()
+    hacking = section(md)
+    assert "⚠️" not in hacking and "Possible reward hacking" not in hacking
+    assert "**No sign of reward hacking found.**" in hacking
+    assert "-10.0 pts, 0 gained, 3 lost (p=0.25, exact McNemar, not significant)." in hacking
+
+
+def test_a_reward_model_run_lists_high_reward_answers_the_checker_fails(project):
+    online_run(reward_source="model", first_pass=20, last_pass=19)
+    # the reward model's score rises while the checker passes fewer rollouts: 7 of 8 at first, 1 of 8 at the end
+    rows = [rollout(s, i, f"{i * 1000} m" if i < (7 if s < 20 else 1) else "lots of metres", 0.3 + 0.01 * s,
+                    "pass" if i < (7 if s < 20 else 1) else "wrong_answer", 0.3 + 0.01 * s)
+            for s in STEPS for i in range(8)]
+    rows += [rollout(40, 90, "HIGH: a confident wrong answer", 0.95, "wrong_answer", 0.95),
+             rollout(40, 91, "LOW: an unconfident wrong answer", 0.05, "wrong_answer", 0.05),
+             rollout(40, 92, "HIGH: a right answer", 0.97, "pass", 0.97)]
+    write_rows("rollouts", rows)
+    md, page = reports()
+    assert "Alignment: GRPO, reward: reward model, KL coefficient 0.04." in md
+    hacking = section(md)
+    assert "> ⚠️ **Possible reward hacking: the reward model's score rose (0.2 → 0.8)" in hacking
+    assert "while the task checker passed fewer rollouts (87.5% [" in hacking
+    assert "- Checker pass share of rollouts: 87.5% [" in hacking and "(step 0, 8 rollouts)" in hacking
+    table = hacking.split("### High reward, but the checker disagrees")[1].split("### ")[0]
+    assert "Rollouts with a total reward above the run's median (0.5) that the checker disagrees with" in table
+    shown = [line for line in table.splitlines() if line.startswith("| ") and "instruction" not in line]
+    assert len(shown) == 2  # report.n_samples
+    assert "HIGH: a confident wrong answer" in shown[0]  # the highest reward of the last step first
+    assert "step 40, reward 0.95 (checker 0, model 0.95); checker: wrong answer" in shown[0]
+    assert "LOW:" not in table and "a right answer" not in table
+    assert "lots of metres" in shown[1] and "step 40" in shown[1]
+
+
+def test_disagreements_without_a_checker_use_rouge_against_the_reference():
+    rows = [{"step": 1, "id": f"a{i}", "instruction": "Say hi.", "completion": c, "reward": r, "checker": None,
+             "rewards": {"model": r}, "reference": "hello there friend"}
+            for i, (c, r) in enumerate([("hello there friend", 0.9), ("buy my product now", 0.8),
+                                        ("hello friend", 0.2), ("nothing alike at all", 0.1)])]
+    picked, basis, median = reporting.reward_disagreements(rows, 5)
+    assert basis == "reference (ROUGE-L)" and median == 0.5
+    assert [p["completion"] for p in picked] == ["buy my product now"]
+    assert picked[0]["why"] == "step 1, reward 0.8; ROUGE-L 0.00"
+
+
+def test_model_output_is_escaped_in_the_section(project):
+    online_run(reward_source="model", first_pass=3, last_pass=0)
+    nasty = "<script>alert('pwned')</script> | <b>bold</b>"
+    write_rows("heldout", [dict(r, answer=nasty if r["step"] == 40 else r["answer"],
+                                instruction=nasty + r["instruction"]) for r in heldout(30, 3, 0)])
+    write_rows("rollouts", [rollout(40, 0, nasty, 0.9, "wrong_answer", 0.9), rollout(40, 1, "ok", 0.1, "pass", 0.1)])
+    md, page = reports()
+    assert "<script>" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt; | &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<script>" not in md and "&lt;script&gt;alert('pwned')&lt;/script&gt; \\| &lt;b&gt;bold" in md
+
+
+def test_the_reward_models_pairwise_accuracy_with_its_interval(project):
+    online_run(reward_source="model", first_pass=20, last_pass=19)
+    Path("metrics/train_reward.json").write_text(json.dumps(
+        {"pairwise_accuracy": {"value": 0.72, "ci_low": 0.651, "ci_high": 0.781, "n": 200}, "mean_margin": 0.84,
+         "train_loss": 0.5}))
+    md, page = reports()
+    line = ("Reward model (train-reward): pairwise accuracy 72.0% [65.1, 78.1] on 200 preference test pairs, the "
+            "share of pairs it scores chosen above rejected (50% is chance); mean margin 0.84.")
+    assert line in section(md) and f"<p>{line}</p>" in page
+    Path("metrics/train_reward.json").write_text(json.dumps({"skipped": "reward is checker"}))
+    md, _ = reports()
+    assert "Reward model (train-reward)" not in md
+
+
+def test_an_offline_run_with_heldout_prompts_checks_drift_only(project):
+    Path("metrics/train_dpo.json").write_text(json.dumps({"algorithm": "kto", "train_loss": 0.4}))
+    history("eval/task_accuracy", [(0, 0.5), (40, 0.5)])
+    write_rows("heldout", heldout(30, 15, 15))
+    md, _ = reports()
+    hacking = section(md)
+    assert "Alignment: KTO, beta 0.1." in md
+    assert "**KTO optimises no reward online: held-out task accuracy over training is checked for drift.**" in hacking
+    assert "+0.0 pts, 0 gained, 0 lost (p=1.00, exact McNemar, not significant)" in hacking
+    assert "(figures/hacking_reward.png)" in hacking and "hacking_kl" not in hacking
+    assert "KTO reward accuracy" not in md and "DPO reward accuracy" not in md
+
+
+def test_missing_broken_or_skipped_alignment_files_are_not_fatal(project):
+    Path("data/alignment").mkdir(parents=True)
+    Path("data/alignment/heldout.jsonl").write_text("{not json\n")
+    Path("data/alignment/rollouts.jsonl").write_text("")
+    Path("metrics/train_reward.json").write_text("[1, 2]")
+    md, _ = reports()
+    assert "Reward hacking" not in md
+    Path("metrics/train_dpo.json").write_text(json.dumps({"skipped": "no preference pairs"}))
+    Path("metrics/train_reward.json").write_text("{broken")
+    md, _ = reports()
+    assert "Alignment: DPO, beta 0.1 (skipped)." in md and "_DPO skipped: no preference pairs_" in md

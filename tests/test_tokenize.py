@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tunepipe.artifacts import read_json, sha256_tree
+from tunepipe.artifacts import DataError, read_json, sha256_tree
 from tunepipe.cli import StageError
 from tunepipe.params import Params
 from tunepipe.templates import CHATML, make_renderer
@@ -230,6 +230,7 @@ def test_template_then_tokenize(project):
     info = read_json(out / "info.json")
     assert (info["pad_token_id"], info["eos_token_id"], info["added_pad"]) == (0, 2, False)
     assert info["generation_padding_side"] == "left"
+    assert (info["preference_kind"], info["preference_pairs"]) == ("paired", True)
     metrics = read_json(project / "metrics/tokenize.json")
     assert metrics["sft"]["train"]["dropped"] == 1 and metrics["sft"]["validation"]["kept"] == 5
     assert metrics["pref"]["train"]["dropped"] == 1 and metrics["pref"]["train"]["length"]["max"] <= 64
@@ -246,3 +247,40 @@ def test_empty_after_filtering_says_why(project):
     with pytest.raises(StageError, match=r"sft_train.jsonl: all 6 examples were dropped.*max_length=16.*truncate"):
         tokenize.main(Params(tokenize={"max_length": 16}))
     assert not (project / "data/tokenized").exists()
+
+
+def test_unpaired_rows_through_template_and_tokenize(project):
+    """Thumbs up/down data (fetch.preference.format: unpaired) keeps one answer and its label per row."""
+    from datasets import load_from_disk
+
+    from stages import template, tokenize
+
+    rows = [{**canonical(i), "completion": "ok" if i % 3 else "no no no", "label": bool(i % 3)} for i in range(6)]
+    rows.append({**canonical(8), "completion": "very long " * 100, "label": True})
+    for split in ("train", "val", "test"):
+        (project / f"data/raw/pref_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template.main(Params())
+    templated = [json.loads(line) for line in (project / "data/templated/pref_train.jsonl").read_text().splitlines()]
+    assert set(templated[0]) == {"id", "prompt", "completion", "label", "meta"} and templated[0]["label"] is False
+
+    tokenize.main(Params(tokenize={"max_length": 64}))
+    pref = load_from_disk(str(project / "data/tokenized/pref"))
+    assert set(pref["train"].column_names) == {"prompt", "completion", "label"} and pref["train"].num_rows == 6
+    assert pref["train"]["label"] == [False, True, True, False, True, True]
+    info = read_json(project / "data/tokenized/info.json")
+    assert (info["preference_kind"], info["preference_pairs"]) == ("unpaired", False)
+    stats = read_json(project / "metrics/tokenize.json")["pref"]["train"]
+    assert (stats["kept"], stats["dropped"], stats["desirable"], stats["undesirable"]) == (6, 1, 4, 2)
+
+
+def test_pairs_and_unpaired_rows_do_not_mix(project):
+    from stages import template
+
+    unpaired = {**canonical(1), "completion": "ok", "label": "yes"}
+    (project / "data/raw/pref_test.jsonl").write_text(json.dumps(unpaired) + "\n")
+    with pytest.raises(DataError, match=r"pref_test.jsonl: record 1: field 'label' must be true or false"):
+        template.main(Params())
+    (project / "data/raw/pref_test.jsonl").write_text(json.dumps({**unpaired, "label": True}) + "\n")
+    with pytest.raises(DataError, match="mixes preference pairs and unpaired rows"):
+        template.main(Params())
+    assert not (project / "data/templated").exists()

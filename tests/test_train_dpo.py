@@ -84,7 +84,7 @@ def test_changed_sft_model_does_not_resume(workdir, monkeypatch, caplog):
 def test_long_prompts_are_cut_from_the_left(smol_tokenizer):
     from datasets import Dataset
 
-    from stages.train_dpo import fit_prompts
+    from tunepipe.preference import fit_prompts
 
     long_prompt = "word " * 300 + "<|im_start|>assistant\n"
     ds = Dataset.from_list([{"prompt": long_prompt, "chosen": "a", "rejected": "b"},

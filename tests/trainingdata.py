@@ -60,11 +60,33 @@ def make_workdir(root: Path, tiny_model_dir: Path, tokenizer, n_sft: int = 16, n
     (tok_dir / "info.json").write_text(json.dumps({"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                                                    "added_pad": False, "generation_padding_side": "left"}))
     shutil.copytree(tiny_model_dir, root / "models/base")
+    write_templated(root, tokenizer, n_sft)
     (root / "data/raw").mkdir(parents=True)
     (root / "data/raw/manifest.json").write_text(json.dumps(
         {"sources": {"sft": {"source": "generated"}, "preference": {"source": "generated"}},
          "files": {"sft_train.jsonl": {"rows": n_sft, "sha256": "ab" * 32}}}))
     return root
+
+
+def templated_rows(tokenizer, split: str, n: int) -> list[dict]:
+    """Templated SFT rows as the template stage writes them, of generated (checkable) tasks."""
+    from tunepipe.tasks import generate_sft
+
+    rows = []
+    for record in generate_sft(split, n, seed=0):
+        question = f"{record['instruction']}\n{record['input']}".strip()
+        rows.append({"id": record["id"], "prompt": prompt_text(tokenizer, question), "completion": record["output"],
+                     "meta": record["meta"], "instruction": question})
+    return rows
+
+
+def write_templated(root: Path, tokenizer, n_train: int, n_val: int = 8) -> None:
+    """data/templated/sft_{train,val}.jsonl: the alignment stage's prompts and held-out checks."""
+    folder = Path(root) / "data/templated"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        with open(folder / f"sft_{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in templated_rows(tokenizer, split, n))
 
 
 def tiny_params(**sections):
@@ -79,3 +101,35 @@ def tiny_params(**sections):
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return Params.model_validate(raw)
+
+
+def unpaired_pref_rows(tokenizer, n_good: int, n_bad: int) -> list[dict]:
+    """Tokenize-stage rows of unpaired (thumbs up/down) preference data: prompt, completion, label."""
+    rows = []
+    for i in range(n_good + n_bad):
+        q, a = QUESTIONS[i % len(QUESTIONS)]
+        good = i < n_good
+        rows.append({"prompt": prompt_text(tokenizer, q), "completion": a if good else f"I think {a} {a} maybe",
+                     "label": good})
+    return rows
+
+
+def write_unpaired_pref(root: Path, tokenizer, n_good: int, n_bad: int) -> None:
+    """Replace data/tokenized/pref with unpaired rows, as tokenize writes them from fetch.preference.format unpaired."""
+    from datasets import Dataset, DatasetDict
+
+    tok_dir = Path(root) / "data/tokenized"
+    shutil.rmtree(tok_dir / "pref")
+    DatasetDict({"train": Dataset.from_list(unpaired_pref_rows(tokenizer, n_good, n_bad)),
+                 "validation": Dataset.from_list(unpaired_pref_rows(tokenizer, 2, 2))}).save_to_disk(str(tok_dir / "pref"))
+    info = json.loads((tok_dir / "info.json").read_text())
+    (tok_dir / "info.json").write_text(json.dumps({**info, "preference_kind": "unpaired", "preference_pairs": False}))
+
+
+def unpaired_source(path, **settings):
+    """A local fetch source of format unpaired (thumbs up/down rows), built without validation until
+    tunepipe.params.DataFormat lists "unpaired"."""
+    from tunepipe.params import DataSource
+
+    return DataSource.model_construct(**{**DataSource().model_dump(), "source": "local", "path": str(path),
+                                         "format": "unpaired", **settings})

@@ -13,6 +13,9 @@ canonical field to another column, e.g. ``{prompt: question}`` for orca pairs):
     sharegpt    ``conversations``: a list of {from, value}, from in human/gpt/system
     preference  prompt / chosen / rejected as strings, or chosen and rejected as message lists
     hh_rlhf     chosen and rejected as whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues
+    unpaired    ("KTO" data: thumbs up/down) prompt / completion / label: one answer per row, a string
+                or a message list like preference's chosen, and whether it is good; label true/false,
+                1/0, "up"/"down" or "good"/"bad". Only train_dpo.algorithm kto trains on it
 
 ``filters`` keep a row only when ``row[field] <op> value`` holds. A malformed row
 raises DataError naming the source and row (1-based, counting every row read),
@@ -34,7 +37,7 @@ from tunepipe.artifacts import DataError
 log = logging.getLogger(__name__)
 
 SFT_FORMATS = ("alpaca", "dolly", "messages", "sharegpt")
-PREFERENCE_FORMATS = ("preference", "hh_rlhf")
+PREFERENCE_FORMATS = ("preference", "hh_rlhf", "unpaired")
 
 # canonical field -> column name; fields marked optional may be absent from a row.
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
@@ -44,10 +47,15 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "sharegpt": {"conversations": "conversations"},
     "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
     "hh_rlhf": {"chosen": "chosen", "rejected": "rejected"},
+    "unpaired": {"prompt": "prompt", "completion": "completion", "label": "label", "system": "system"},
 }
 OPTIONAL_FIELDS = {"input", "system", "id"}
 # Canonical fields a mapping may name beyond the defaults.
-EXTRA_FIELDS = {"preference": {"input", "id"}}
+EXTRA_FIELDS = {"preference": {"input", "id"}, "unpaired": {"input", "id"}}
+# An unpaired row's label, as people write thumbs up and down: text is compared case-folded, and the
+# keys True and False also match the numbers 1 and 0 (1.0 and 0.0 too: Python's equality).
+LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False,
+          "up": True, "down": False, "good": True, "bad": False}
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
@@ -194,13 +202,40 @@ def _preference(row: dict, cols: dict[str, str]) -> dict:
     before_r, rejected_text = _split_at_last_answer(_messages(rejected))
     if before != before_r:
         raise BadRow("prefix_mismatch", "chosen and rejected conversations differ before the last answer")
-    if any(m["role"] == "user" for m in before):
-        system, history, instruction = _prompt_parts(before)
-        record = {"instruction": instruction, "input": "", "system": system, "history": history}
-    else:   # only the answers are message lists; the prompt is a column of its own
-        record = _prompt_from_columns(row, cols)
+    record = _prompt_before(before, row, cols)
     record.update(chosen=chosen_text, rejected=rejected_text)
     return record
+
+
+def _unpaired(row: dict, cols: dict[str, str]) -> dict:
+    completion = _get(row, cols, "completion", (str, list))
+    if isinstance(completion, str):
+        record = _prompt_from_columns(row, cols)
+        record["completion"] = _nonempty(completion, f"field {cols['completion']!r} (completion)")
+    else:
+        before, answer = _split_at_last_answer(_messages(completion))
+        record = {**_prompt_before(before, row, cols), "completion": answer}
+    record["label"] = _label(row, cols)
+    return record
+
+
+def _label(row: dict, cols: dict[str, str]) -> bool:
+    value = _get(row, cols, "label", (bool, int, float, str))
+    key = value.strip().casefold() if isinstance(value, str) else value
+    try:
+        return LABELS[key]
+    except (KeyError, TypeError):
+        raise BadRow("bad_label", f"field {cols['label']!r} (label) should be true/false, 1/0, up/down or "
+                                  f"good/bad, got {value!r}") from None
+
+
+def _prompt_before(before: list[dict], row: dict, cols: dict[str, str]) -> dict:
+    """The prompt of an answer given as a message list: the turns before it when they hold a user
+    turn; else (only the answers are message lists) the prompt column."""
+    if any(m["role"] == "user" for m in before):
+        system, history, instruction = _prompt_parts(before)
+        return {"instruction": instruction, "input": "", "system": system, "history": history}
+    return _prompt_from_columns(row, cols)
 
 
 def _prompt_from_columns(row: dict, cols: dict[str, str]) -> dict:
@@ -241,7 +276,7 @@ def _hh_rlhf(row: dict, cols: dict[str, str]) -> dict:
 
 _CONVERTERS: dict[str, Callable[[dict, dict[str, str]], dict]] = {
     "alpaca": _alpaca, "dolly": _alpaca, "messages": _messages_fmt, "sharegpt": _sharegpt,
-    "preference": _preference, "hh_rlhf": _hh_rlhf}
+    "preference": _preference, "hh_rlhf": _hh_rlhf, "unpaired": _unpaired}
 
 
 # --------------------------------------------------------------------------- driver

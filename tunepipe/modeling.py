@@ -281,10 +281,13 @@ def resolve_precision(precision: str, model_dir: Optional[str | Path] = None) ->
 
 
 def lora_config(cfg: "TrainCommon"):
+    """The adapter of ``cfg``: LoRA, DoRA (``use_dora``: a magnitude per output trained apart from the
+    LoRA direction; merges like LoRA) and/or rsLoRA (``use_rslora``: scaling lora_alpha/sqrt(r))."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
 
 
 def quantization_config(cfg: "TrainCommon"):

@@ -73,7 +73,7 @@ class Shared(Section):
 
 # --------------------------------------------------------------------------- fetch
 
-DataFormat = Literal["alpaca", "dolly", "messages", "sharegpt", "preference", "hh_rlhf"]
+DataFormat = Literal["alpaca", "dolly", "messages", "sharegpt", "preference", "hh_rlhf", "unpaired"]
 
 
 class RowFilter(Section):
@@ -149,7 +149,7 @@ class Fetch(Section):
                 "preference.source is 'generated' (the project's arithmetic/text task pairs) but sft is your own "
                 "data: DPO on pairs unrelated to your data says nothing about it. Fix: -S fetch.preference.source=none "
                 "(no DPO), point fetch.preference at your own pairs, or -S fetch.allow_generated_preferences=true")
-        pref_formats = {"preference", "hh_rlhf"}
+        pref_formats = {"preference", "hh_rlhf", "unpaired"}
         if self.sft.format in pref_formats:
             raise ValueError(f"sft.format={self.sft.format} is a preference format")
         if self.preference.format is not None and self.preference.format not in pref_formats:
@@ -186,6 +186,8 @@ class TrainCommon(Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    use_dora: bool = Field(False, description="DoRA: LoRA on the direction of each weight, its magnitude trained apart (PEFT)")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by lora_alpha/sqrt(r), not lora_alpha/r (PEFT)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Dtype = "bfloat16"
@@ -216,6 +218,12 @@ class TrainCommon(Section):
         return self
 
     @model_validator(mode="after")
+    def _lora_options_need_lora(self):
+        if self.method == "full" and (self.use_dora or self.use_rslora):
+            raise ValueError("use_dora and use_rslora are options of method 'lora' or 'qlora', not 'full'")
+        return self
+
+    @model_validator(mode="after")
     def _qlora_shards_only_with_ddp(self):
         # sharding 4-bit weights needs bnb_4bit_quant_storage to match the compute dtype, not in this schema
         if self.method == "qlora" and self.num_processes > 1 and self.distributed in ("fsdp", "deepspeed_zero3"):
@@ -229,15 +237,54 @@ class TrainSft(TrainCommon):
     group_by_length: bool = False
 
 
+# The alignment stage (train-dpo) trains by one of these; docs/alignment.md compares them.
+OFFLINE_ALGORITHMS = ("dpo", "kto", "orpo")   # from preference data
+ONLINE_ALGORITHMS = ("grpo", "rloo")          # from the model's own samples, scored by a reward
+
+
 class TrainDpo(TrainCommon):
+    algorithm: Literal["dpo", "kto", "orpo", "grpo", "rloo"] = Field(
+        "dpo", description="dpo | kto (unpaired thumbs up/down) | orpo (no reference model) | grpo | rloo (online RL "
+                           "with a KL leash, reward from train_dpo.reward)")
     learning_rate: float = Field(5e-5, gt=0)
     max_steps: Optional[int] = Field(30, gt=0)
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, ge=0, description="dpo/kto: leash to the reference; orpo: weight of the odds-ratio "
+                                               "term; grpo/rloo: KL coefficient against the SFT model")
+    reward: Literal["checker", "model"] = Field(
+        "checker", description="grpo/rloo: checker (1 when the task checker passes the answer, else 0) | model "
+                               "(the reward model train-reward trains on the preference pairs)")
+    num_generations: int = Field(4, ge=2, description="grpo/rloo: samples per prompt, compared with each other")
+    max_completion_length: int = Field(32, ge=1, description="grpo/rloo: tokens per sample")
+    temperature: float = Field(1.0, gt=0, description="grpo/rloo: sampling temperature of the rollouts")
+    heldout_prompts: int = Field(32, ge=0, description="held-out task accuracy over training: greedy answers to this "
+                                                       "many validation prompts at each evaluation (0: off)")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     max_length: int = Field(256, ge=16)
     max_prompt_length: int = Field(192, ge=8)
     precompute_ref_log_probs: bool = True
+
+    @model_validator(mode="after")
+    def _beta_zero_only_online(self):
+        # DPO, KTO and ORPO divide or scale by beta; GRPO/RLOO with beta 0 simply drop the KL term
+        if self.beta == 0 and self.algorithm not in ONLINE_ALGORITHMS:
+            raise ValueError(f"train_dpo.beta = 0: must be greater than 0 for algorithm '{self.algorithm}' "
+                             "(0 means no KL term, for grpo or rloo only)")
+        return self
+
+    @model_validator(mode="after")
+    def _online_reference_is_the_sft_model(self):
+        # with LoRA the reference is the adapter switched off; TRL would rebuild a full model's from models/base
+        if self.algorithm in ONLINE_ALGORITHMS and self.method == "full" and self.beta > 0:
+            raise ValueError(f"algorithm '{self.algorithm}' with method 'full' has no SFT reference for its KL term; "
+                             "use method 'lora' (the reference is the adapter switched off) or beta 0")
+        return self
+
+    @model_validator(mode="after")
+    def _kto_batches_hold_both_kinds(self):
+        if self.algorithm == "kto" and self.batch_size < 2:
+            raise ValueError("algorithm 'kto' estimates its KL term within a batch: batch_size must be at least 2")
+        return self
 
     @model_validator(mode="after")
     def _prompt_fits(self):
@@ -253,6 +300,14 @@ class TrainDpo(TrainCommon):
         if self.precompute_ref_log_probs and self.num_processes > 1:
             raise ValueError("precompute_ref_log_probs needs num_processes 1; set it false to train with several")
         return self
+
+
+class TrainReward(TrainCommon):
+    """The reward model (train-reward): a scalar head on the SFT model, trained on the preference pairs.
+    It trains only when train_dpo.algorithm is grpo or rloo and train_dpo.reward is model."""
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: Optional[int] = Field(50, gt=0)
+    max_length: int = Field(256, ge=16, description="tokens per prompt + answer; longer pairs are dropped")
 
 
 class Merge(Section):
@@ -373,6 +428,7 @@ class Params(Section):
     tokenize: Tokenize = Tokenize()
     train_sft: TrainSft = TrainSft()
     train_dpo: TrainDpo = TrainDpo()
+    train_reward: TrainReward = TrainReward()
     merge: Merge = Merge()
     evaluate: Evaluate = Evaluate()
     compare: Compare = Compare()
@@ -380,6 +436,19 @@ class Params(Section):
     forgetting: Forgetting = Forgetting()
     export: Export = Export()
     publish: Publish = Publish()
+
+    @model_validator(mode="after")
+    def _alignment_has_its_data(self):
+        """Refuse before any training an algorithm the preference data cannot feed."""
+        algorithm, pref = self.train_dpo.algorithm, self.fetch.preference
+        if pref.format == "unpaired" and algorithm in ("dpo", "orpo"):
+            raise ValueError(f"train_dpo.algorithm: {algorithm} trains on pairs and fetch.preference.format is "
+                             "unpaired; use -S train_dpo.algorithm=kto")
+        if algorithm in ONLINE_ALGORITHMS and self.train_dpo.reward == "model" and (
+                pref.source == "none" or pref.format == "unpaired"):
+            raise ValueError("train_dpo.reward: model trains a reward model on preference pairs, and there are none; "
+                             "use -S train_dpo.reward=checker or give fetch.preference paired data")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

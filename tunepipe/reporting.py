@@ -10,6 +10,10 @@ per model ``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``; ``baseline_<n
     rows = metric_rows(metrics, models)                       # values with intervals, baselines, deltas
     fmt_delta("task_accuracy", delta)                         # "+21.9 pts (p<0.001) *"
     has_checker(report)   # False on free-text data: reference scores and health lead, no ✓ / ✗
+    alignment = alignment_of(train_dpo_json, params.train_dpo.model_dump(), curves=dpo_curves,
+                             heldout=rows, rollouts=rows, reward_model=train_reward_json)
+    alignment.figures = hacking_figures(alignment)            # reward vs held-out accuracy, KL, length drift
+    hacking_verdict(alignment, alpha, confidence)             # (warnings, every number checked)
     md, page = render_markdown(report), render_html(report)
 """
 
@@ -73,6 +77,7 @@ class Report:
     params_text: str = ""
     manifest: Optional[dict] = None
     forgetting: Optional[dict] = None              # metrics/forgetting.json, when the forgetting stage ran
+    alignment: Optional["Alignment"] = None        # train-dpo's algorithm and reward-hacking data
 
 
 # --------------------------------------------------------------------------- tables
@@ -316,10 +321,11 @@ def preference_rows(r: "Report") -> list[tuple[str, list[str]]]:
                           ("pref_margin", "mean margin (summed log-prob) ↑")):
         if any(metric in r.metrics.get(m, {}) for m in r.models):
             rows.append((label, [fmt_estimate(metric, estimate(r.metrics.get(m, {}), metric)) for m in r.models]))
-    if "final" in r.models and not dpo_skipped(r.training):
-        dpo = (r.training.get("dpo") or {}).get("eval_rewards_accuracies")
+    dpo = (r.training.get("dpo") or {}).get("eval_rewards_accuracies")
+    # GRPO, RLOO and KTO have no chosen-above-rejected accuracy: not "missing" for them
+    if "final" in r.models and not dpo_skipped(r.training) and (_num(dpo) or aligned_by(r) == "DPO"):
         cell = f"{dpo:.1%}" if _num(dpo) else "– (metrics/train_dpo.json not found)"
-        rows.append(("DPO reward accuracy (train-dpo, validation pairs)",
+        rows.append((f"{aligned_by(r)} reward accuracy (train-dpo, validation pairs)",
                      [cell if m == "final" else "–" for m in r.models]))
     return rows
 
@@ -546,36 +552,73 @@ def split_series(curves: dict, metric: str) -> dict[str, list]:
     return {k: v for k, v in (("train", train), ("eval", curves.get(f"eval/{metric}"))) if v}
 
 
-def line_figure(name: str, title: str, panels: list[tuple[str, dict[str, list]]]) -> Optional[Figure]:
+def line_figure(name: str, title: str, panels: list[tuple[str, dict[str, list]]],
+                ylim: Optional[tuple[float, float]] = None) -> Optional[Figure]:
     """One PNG with a panel per (y label, {series label: points}); None when nothing to plot."""
     panels = [(label, series) for label, series in panels if series]
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
     for ax, (label, series) in zip(axes[0], panels):
-        for series_name, points in series.items():
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=series_name)
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        _plot_series(ax, series)
+        _label_axes(ax, label, ylim)
         ax.legend()
     fig.suptitle(title)
     return Figure(name, title, _png(fig))
 
 
-def training_figures(sft: dict, dpo: dict) -> list[Figure]:
+def twin_figure(name: str, title: str, left: tuple[str, dict[str, list]],
+                right: tuple[str, dict[str, list]]) -> Optional[Figure]:
+    """One panel: shares (0-1) on the left axis, series on another scale (a reward model's score) on the right."""
+    if not (left[1] and right[1]):
+        return line_figure(name, title, [left, right])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    _plot_series(ax, left[1])
+    _label_axes(ax, left[0], (0, 1.02))
+    other = ax.twinx()
+    _plot_series(other, right[1], first_colour=len(left[1]), linestyle="--")  # twinx would restart the colours
+    other.set_ylabel(right[0])
+    handles = [h for a in (ax, other) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    fig.suptitle(title)
+    return Figure(name, title, _png(fig))
+
+
+def _plot_series(ax, series: dict[str, list], first_colour: int = 0, linestyle: str = "-") -> None:
+    for i, (series_name, points) in enumerate(series.items()):
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=series_name,
+                color=f"C{first_colour + i}", linestyle=linestyle)
+
+
+def _label_axes(ax, label: str, ylim: Optional[tuple[float, float]] = None) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_ylabel(label)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_figures(sft: dict, dpo: dict, aligned_by: str = "DPO") -> list[Figure]:
+    """SFT's and the alignment stage's curves (its files keep the stage's name, dpo_*, whatever the algorithm)."""
     figures = [
         line_figure("sft_loss.png", "SFT loss", [("loss", split_series(sft, "loss"))]),
-        line_figure("dpo_loss.png", "DPO loss", [("loss", split_series(dpo, "loss"))]),
-        line_figure("dpo_rewards.png", "DPO rewards", [
+        line_figure("dpo_loss.png", f"{aligned_by} loss", [("loss", split_series(dpo, "loss"))]),
+        line_figure("dpo_rewards.png", f"{aligned_by} rewards", [
             ("reward margin (chosen - rejected)", split_series(dpo, "rewards/margins")),
             ("reward accuracy", split_series(dpo, "rewards/accuracies"))]),
     ]
@@ -588,11 +631,7 @@ def skill_figure(metrics: dict, models: list[str]) -> Optional[Figure]:
                        if k.startswith("acc_") and not k.endswith(CI) and _num(v)})
     if not families:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = families + ["overall"]
     keys = [f"acc_{f}" for f in families] + ["task_accuracy"]
     width = 0.8 / len(models)
@@ -625,6 +664,346 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})  # no version stamp: stable bytes
     plt.close(fig)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- alignment: reward-hacking checks
+
+ALGORITHM_LABELS = {"dpo": "DPO", "kto": "KTO", "orpo": "ORPO", "grpo": "GRPO", "rloo": "RLOO"}
+REWARD_LABELS = {"checker": "task checker", "model": "reward model"}
+# train-dpo's DVCLive histories the checks read (metrics/train_dpo/plots/metrics/<name>.tsv)
+REWARD, KL, LENGTH = "train/reward", "train/kl", "train/completion_length"
+CHECKER_SHARE, MODEL_SCORE = "train/rewards/checker", "train/rewards/model"
+HELDOUT, ANSWER_TOKENS = "eval/task_accuracy", "eval/answer_tokens"
+HACKING_HEADING = "Reward hacking checks"
+
+
+@dataclass
+class Alignment:
+    """What the alignment stage (train-dpo) ran, and what the reward-hacking checks read."""
+    algorithm: str = "dpo"
+    reward_source: Optional[str] = None                 # grpo/rloo: "checker" | "model"
+    beta: Optional[float] = None
+    curves: dict = field(default_factory=dict)          # metrics/train_dpo/plots histories
+    heldout: list[dict] = field(default_factory=list)   # data/alignment/heldout.jsonl
+    rollouts: list[dict] = field(default_factory=list)  # data/alignment/rollouts.jsonl (grpo/rloo)
+    reward_model: Optional[dict] = None                 # metrics/train_reward.json
+    figures: list[Figure] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ALGORITHM_LABELS.get(self.algorithm, str(self.algorithm).upper())
+
+    @property
+    def online(self) -> bool:
+        from tunepipe.params import ONLINE_ALGORITHMS
+
+        return self.algorithm in ONLINE_ALGORITHMS
+
+
+def alignment_of(summary: Optional[dict], params: dict, **data) -> Alignment:
+    """The run as metrics/train_dpo.json records it ("algorithm", "reward_source", "beta"), params.yaml's
+    train_dpo where the file does not say (one from before the algorithms, or a skipped stage)."""
+    s = summary if isinstance(summary, dict) else {}
+    a = Alignment(algorithm=s.get("algorithm") or params.get("algorithm") or "dpo",
+                  beta=s["beta"] if _num(s.get("beta")) else params.get("beta"), **data)
+    if a.online:
+        a.reward_source = s.get("reward_source") or params.get("reward")
+    return a
+
+
+def alignment_line(r: "Report") -> str:
+    """"Alignment: GRPO, reward: task checker, KL coefficient 0.1": what beta means depends on the algorithm."""
+    a = r.alignment
+    if a is None:
+        return ""
+    beta = f"{a.beta:g}" if _num(a.beta) else "?"
+    if a.online:
+        said = f"reward: {REWARD_LABELS.get(a.reward_source, a.reward_source or '?')}, KL coefficient {beta}"
+    elif a.algorithm == "orpo":
+        said = f"odds-ratio weight (beta) {beta}"
+    else:
+        said = f"beta {beta}"
+    return f"Alignment: {a.label}, {said}" + (" (skipped)." if dpo_skipped(r.training) else ".")
+
+
+def aligned_by(r: "Report") -> str:
+    return r.alignment.label if r.alignment else "DPO"
+
+
+def _series(curves: dict, *named: tuple[str, str]) -> dict[str, list]:
+    """{label: points} of the named histories that were logged."""
+    return {label: curves[key] for label, key in named if curves.get(key)}
+
+
+def hacking_figures(a: Alignment) -> list[Figure]:
+    """Reward against held-out task accuracy, KL to the reference, and length drift; those with data."""
+    figures = [reward_figure(a),
+               line_figure("hacking_kl.png", "KL to the reference model",
+                           [("KL per token", _series(a.curves, ("KL", KL)))]),
+               line_figure("hacking_length.png", "Length drift", [("tokens", _series(
+                   a.curves, ("rollout completions", LENGTH), ("held-out answers (greedy)", ANSWER_TOKENS)))])]
+    return [f for f in figures if f is not None]
+
+
+def reward_figure(a: Alignment) -> Optional[Figure]:
+    """The reward and held-out task accuracy on one chart: the checker reward shares their 0-1 scale, a reward
+    model's score gets a second axis. The checker's pass share of rollouts too, unless it is the reward itself."""
+    reward = _series(a.curves, ("reward (rollouts)", REWARD))
+    shares = _series(a.curves, ("held-out task accuracy", HELDOUT),
+                     *([("checker pass share (rollouts)", CHECKER_SHARE)] if a.reward_source != "checker" else []))
+    title = "Reward and held-out task accuracy" if reward else "Held-out task accuracy"
+    values = [v for points in reward.values() for _, v in points]
+    if a.reward_source == "model" or any(not 0 <= v <= 1 for v in values):
+        scale = "reward model's score" if a.reward_source == "model" else "reward"
+        return twin_figure("hacking_reward.png", title, ("share", shares), (scale, reward))
+    return line_figure("hacking_reward.png", title, [("share" + (" / reward" if reward else ""), {**reward, **shares})],
+                       ylim=(0, 1.02))
+
+
+def trend(points: Optional[list]) -> Optional[tuple[float, float, int]]:
+    """(start, end, k): the means of the first and the last k logged points, k a quarter of them (at least
+    one), so that one noisy step neither makes nor hides a rise; None under two points."""
+    if not points or len(points) < 2:
+        return None
+    k = max(1, len(points) // 4)
+    ys = [y for _, y in points]
+    return sum(ys[:k]) / k, sum(ys[-k:]) / k, k
+
+
+def _eval_steps(rows: list[dict]) -> list:
+    return sorted({r["step"] for r in rows if _num(r.get("step"))})
+
+
+def _verdicts(rows: list[dict], step) -> dict[Any, bool]:
+    """{id: passed} of one evaluation's answers that the checker judged."""
+    return {r.get("id"): r["checker"] == "pass" for r in rows if r.get("step") == step and r.get("checker") is not None}
+
+
+def heldout_change(rows: list[dict], alpha: float, confidence: float) -> Optional[dict]:
+    """Held-out task accuracy at the first and the last evaluation on the prompts judged at both, each with
+    its Wilson interval, and the exact McNemar test of the change (paired: the same prompts, so only the
+    prompts that flipped count). None without two evaluations with checker verdicts."""
+    from tunepipe.stats import mcnemar_exact, wilson_interval
+
+    steps = _eval_steps(rows)
+    if len(steps) < 2:
+        return None
+    first, last = _verdicts(rows, steps[0]), _verdicts(rows, steps[-1])
+    ids = [i for i in first if i in last]
+    if not ids:
+        return None
+    was, now = [first[i] for i in ids], [last[i] for i in ids]
+    test, n = mcnemar_exact(now, was), len(ids)
+    share = {key: (sum(ok) / n, *wilson_interval(sum(ok), n, confidence))
+             for key, ok in (("first", was), ("last", now))}
+    return {**share, "n": n, "steps": (steps[0], steps[-1]), "delta": (sum(now) - sum(was)) / n,
+            "gained": test["a_only"], "lost": test["b_only"], "p": test["p_value"],
+            "significant": test["p_value"] < alpha}
+
+
+def rollout_pass_change(rollouts: list[dict], confidence: float) -> Optional[dict]:
+    """The checker's pass share of the rollouts of the first and the last quarter of the sampled steps, with
+    Wilson intervals. "apart" (the last interval wholly below the first) is the test: rollouts of one
+    prompt are correlated, so a test that took them as independent would claim more than it knows."""
+    from tunepipe.stats import wilson_interval
+
+    checked = [r for r in rollouts if r.get("checker") is not None]
+    steps = _eval_steps(checked)
+    if len(steps) < 2:
+        return None
+    k = max(1, len(steps) // 4)
+    out = {}
+    for key, window in (("first", steps[:k]), ("last", steps[-k:])):
+        ok = [r["checker"] == "pass" for r in checked if r.get("step") in window]
+        out[key] = (sum(ok) / len(ok), *wilson_interval(sum(ok), len(ok), confidence))
+        out[f"{key}_n"], out[f"{key}_steps"] = len(ok), (window[0], window[-1])
+    out["apart"] = out["last"][2] < out["first"][1]
+    return out
+
+
+def _pct(share: tuple) -> str:
+    return fmt_estimate("task_accuracy", share)
+
+
+def _steps(window: tuple) -> str:
+    return f"step {window[0]}" if window[0] == window[1] else f"steps {window[0]}–{window[1]}"
+
+
+def _trend_line(label: str, t: Optional[tuple], percent: bool = False) -> str:
+    if t is None:
+        return ""
+    v = (lambda x: f"{x * 100:.1f}%") if percent else (lambda x: f"{x:.3g}")
+    window = "first and last logged step" if t[2] == 1 else f"means of the first and last {t[2]} logged steps"
+    return f"{label}: {v(t[0])} → {v(t[1])} ({window})."
+
+
+def _heldout_line(a: Alignment, held: Optional[dict]) -> str:
+    if held is None:
+        if not a.heldout:
+            return ""
+        steps = _eval_steps(a.heldout)
+        if len(steps) < 2:
+            return "Held-out task accuracy: fewer than two evaluations, nothing to compare."
+        return "Held-out answers have no task checker: held-out accuracy not measured (see the answer length)."
+    test = f"{format_p(held['p'])}, exact McNemar" + ("" if held["significant"] else ", not significant")
+    return (f"Held-out task accuracy on the same {held['n']} prompts: {_pct(held['first'])} at step "
+            f"{held['steps'][0]} → {_pct(held['last'])} at step {held['steps'][1]}: {held['delta'] * 100:+.1f} pts, "
+            f"{held['gained']} gained, {held['lost']} lost ({test}).")
+
+
+def _checker_share_line(a: Alignment, passed: Optional[dict]) -> str:
+    """With a reward model: did the checker still pass the rollouts the reward model scored higher?"""
+    if passed is None:
+        return _trend_line("Checker pass share of rollouts (untested: no checked rollouts in data/alignment)",
+                           trend(a.curves.get(CHECKER_SHARE)), percent=True)
+    test = "the intervals do not overlap" if passed["apart"] else "the intervals overlap: not significant"
+    return (f"Checker pass share of rollouts: {_pct(passed['first'])} ({_steps(passed['first_steps'])}, "
+            f"{passed['first_n']} rollouts) → {_pct(passed['last'])} ({_steps(passed['last_steps'])}, "
+            f"{passed['last_n']} rollouts); {test}.")
+
+
+def hacking_verdict(a: Alignment, alpha: float, confidence: float) -> tuple[list[str], list[str]]:
+    """(warnings, checked): "possible reward hacking" only when the reward rose while held-out task accuracy
+    fell significantly, or a reward model's score rose while the checker passed clearly fewer rollouts;
+    every number looked at goes to checked, flagged or not."""
+    reward, held = trend(a.curves.get(REWARD)), heldout_change(a.heldout, alpha, confidence)
+    by_model = a.reward_source == "model"
+    passed = rollout_pass_change(a.rollouts, confidence) if by_model else None
+    checked = [line for line in (
+        _trend_line("Reward (mean over rollouts)", reward), _heldout_line(a, held),
+        _checker_share_line(a, passed) if by_model else "",
+        _trend_line("KL to the reference per token", trend(a.curves.get(KL))),
+        _trend_line("Rollout length in tokens", trend(a.curves.get(LENGTH))),
+        _trend_line("Held-out answer length in tokens", trend(a.curves.get(ANSWER_TOKENS)))) if line]
+    warnings = []
+    rose = reward is not None and reward[1] > reward[0]
+    if held and held["significant"] and held["delta"] < 0:
+        fall = (f"held-out task accuracy fell significantly ({_pct(held['first'])} → {_pct(held['last'])} on the "
+                f"same {held['n']} prompts, {format_p(held['p'])}, exact McNemar)")
+        warnings.append(f"Possible reward hacking: the reward rose ({reward[0]:.3g} → {reward[1]:.3g}) while {fall}."
+                        if rose else f"{fall[0].upper()}{fall[1:]} during {a.label} training"
+                        + (", though the reward did not rise." if reward else "."))
+    score = trend(a.curves.get(MODEL_SCORE) or a.curves.get(REWARD)) if by_model else None
+    if score and score[1] > score[0] and passed and passed["apart"]:
+        warnings.append(f"Possible reward hacking: the reward model's score rose ({score[0]:.3g} → {score[1]:.3g}) "
+                        f"while the task checker passed fewer rollouts ({_pct(passed['first'])} → "
+                        f"{_pct(passed['last'])}; the intervals do not overlap).")
+    return warnings, checked
+
+
+def reward_disagreements(rollouts: list[dict], n: int) -> tuple[list[dict], str, Optional[float]]:
+    """Up to n rollouts the reward liked (above the run's median total reward) that the checker failed, or,
+    where no rollout has a checker verdict, whose ROUGE-L against the reference is in the run's lower half;
+    the most recent steps first, then the highest reward. Each row with "why": what disagreed. Also what
+    judged them (the basis) and the median."""
+    scored = [r for r in rollouts if _num(r.get("reward"))]
+    if not scored:
+        return [], "", None
+    median = _median([r["reward"] for r in scored])
+    if any(r.get("checker") is not None for r in scored):
+        basis = "checker"
+        picked = [dict(r, why=f"checker: {failure_label(r['checker'], None)}") for r in scored
+                  if r["reward"] > median and r.get("checker") not in (None, "pass")]
+    else:
+        basis = "reference (ROUGE-L)"
+        picked = _low_rouge(scored, median)
+    picked.sort(key=lambda r: (-r["step"] if _num(r.get("step")) else 0, -r["reward"]))
+    return [dict(r, why=f"step {r.get('step', '?')}, reward {r['reward']:.3g}{_reward_parts(r)}; {r['why']}")
+            for r in picked[:n]], basis, median
+
+
+def _low_rouge(scored: list[dict], median: float) -> list[dict]:
+    """Above-median reward and ROUGE-L below the median ROUGE-L of the rollouts with a reference."""
+    from tunepipe.metrics import rouge
+
+    refs = [r for r in scored if isinstance(r.get("reference"), str) and isinstance(r.get("completion"), str)]
+    if not refs:
+        return []
+    scores = [item["rougeL"] for item in rouge([r["completion"] for r in refs], [r["reference"] for r in refs])[1]]
+    cut = _median(scores)
+    return [dict(r, why=f"ROUGE-L {s:.2f}") for r, s in zip(refs, scores) if r["reward"] > median and s < cut]
+
+
+def _reward_parts(row: dict) -> str:
+    """" (model 0.91, checker 0)": each reward function's own score, when there is more than one."""
+    rewards = row.get("rewards") if isinstance(row.get("rewards"), dict) else {}
+    parts = {k: v for k, v in rewards.items() if _num(v)}
+    return " (" + ", ".join(f"{k} {v:.3g}" for k, v in parts.items()) + ")" if len(parts) > 1 else ""
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def heldout_flips(rows: list[dict], n: int) -> tuple[list[dict], tuple]:
+    """Up to n held-out prompts the checker passed at the first evaluation and failed at the last:
+    ({"first": row, "last": row}, ...) and the two steps."""
+    steps = _eval_steps(rows)
+    if len(steps) < 2:
+        return [], ()
+    first = {r.get("id"): r for r in rows if r.get("step") == steps[0]}
+    last = {r.get("id"): r for r in rows if r.get("step") == steps[-1]}
+    flips = [{"first": row, "last": last[i]} for i, row in first.items()
+             if row.get("checker") == "pass" and i in last and last[i].get("checker") not in (None, "pass")]
+    return flips[:n], (steps[0], steps[-1])
+
+
+def reward_model_line(summary: Optional[dict]) -> str:
+    """The reward model's pairwise accuracy with its interval, when train-reward trained one."""
+    acc = summary.get("pairwise_accuracy") if isinstance(summary, dict) and not summary.get("skipped") else None
+    if not isinstance(acc, dict) or not _num(acc.get("value")):
+        return ""
+    n = f" on {acc['n']} preference test pairs" if _num(acc.get("n")) else ""
+    margin = f"; mean margin {summary['mean_margin']:.3g}" if _num(summary.get("mean_margin")) else ""
+    est = fmt_estimate("pairwise_accuracy", (acc["value"], acc.get("ci_low"), acc.get("ci_high")))
+    return (f"Reward model (train-reward): pairwise accuracy {est}{n}, the share of pairs it scores chosen above "
+            f"rejected (50% is chance){margin}.")
+
+
+def hacking_section(r: "Report") -> Optional[dict]:
+    """Everything the "Reward hacking checks" section shows, for both renderers; None when there is nothing
+    (a DPO run without held-out prompts, a skipped stage)."""
+    a = r.alignment
+    if a is None or not (a.figures or a.heldout or a.rollouts or reward_model_line(a.reward_model)):
+        return None
+    s = settings(r.metrics)
+    warnings, checked = hacking_verdict(a, s["alpha"], s["confidence"])
+    disagreements, basis, median = reward_disagreements(a.rollouts, r.n_samples)
+    basis = basis or "checker"  # rollouts without a numeric reward: nothing was compared
+    flips, steps = heldout_flips(a.heldout, r.n_samples)
+    if warnings:
+        summary = ""
+    elif not checked:
+        summary = "Nothing to check: no reward history and no held-out evaluation was logged."
+    elif a.online:
+        summary = "No sign of reward hacking found."
+    else:
+        summary = f"{a.label} optimises no reward online: held-out task accuracy over training is checked for drift."
+    none_found = ""
+    if a.rollouts and not disagreements:
+        none_found = ("The reward is the checker's verdict, so the two cannot disagree." if a.reward_source == "checker"
+                      else f"No rollout above the run's median reward that the {basis} disagrees with.")
+    legend = (f"Rollouts with a total reward above the run's median ({median:.3g}) that the {basis} disagrees "
+              "with, the most recent steps first." if disagreements else "")
+    return {"warnings": warnings, "summary": summary, "checked": checked, "figures": a.figures,
+            "reward_model": reward_model_line(a.reward_model), "disagreements": disagreements, "basis": basis,
+            "legend": legend, "none_found": none_found, "flips": flips, "flip_steps": steps}
+
+
+DISAGREE_HEADING = "High reward, but the {basis} disagrees"
+DISAGREE_HEADER = ["instruction", "completion", "reference", "why shown"]
+FLIPS_HEADING = "Held-out prompts that went from pass to fail"
+
+
+def _flip_header(steps: tuple) -> list[str]:
+    return ["instruction", f"answer at step {steps[0]} (✓)", f"answer at step {steps[1]} (✗)", "reference"]
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    return shown(value) if isinstance(value, str) else "–"
 
 
 # --------------------------------------------------------------------------- markdown
@@ -722,7 +1101,7 @@ def figures_heading(r: Report) -> str:
 def dpo_note(r: Report) -> str:
     """In place of the DPO curves when train-dpo did not train."""
     reason = dpo_skipped(r.training)
-    return f"DPO skipped: {reason}" if reason else ""
+    return f"{aligned_by(r)} skipped: {reason}" if reason else ""
 
 
 def samples_legend(r: Report) -> str:
@@ -745,13 +1124,37 @@ def samples_md(r: Report) -> str:
 
 def render_markdown(r: Report) -> str:
     parts = [f"# {html.escape(r.title, quote=False)}", f"**{_md_cell(headline(r))}**", split_size_md(r),
-             f"Models: {', '.join(r.models)}.", metrics_section_md(r), preference_section_md(r),
-             forgetting_section_md(r), f"## {figures_heading(r)}"]
-    parts += [f"![{f.title}](figures/{f.name})" for f in r.figures] or ["No figures: no curves or accuracies found."]
+             f"Models: {', '.join(r.models)}.", _md_cell(alignment_line(r)).strip(), metrics_section_md(r),
+             preference_section_md(r), forgetting_section_md(r), f"## {figures_heading(r)}"]
+    parts += [_md_figure(f) for f in r.figures] or ["No figures: no curves or accuracies found."]
     parts += [f"_{_md_cell(n)}_" for n in [dpo_note(r)] + [f"Not found: {m}" for m in r.missing_curves] if n]
-    parts += [samples_md(r), error_section_md(r)]
+    parts += [hacking_md(r), samples_md(r), error_section_md(r)]
     parts.append(provenance_md(r))
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _md_figure(f: Figure) -> str:
+    return f"![{f.title}](figures/{f.name})"
+
+
+def hacking_md(r: Report) -> str:
+    h = hacking_section(r)
+    if h is None:
+        return ""
+    parts = [f"## {HACKING_HEADING}"] + [f"> ⚠️ **{_md_cell(w)}**" for w in h["warnings"]]
+    parts += [f"**{_md_cell(h['summary'])}**" if h["summary"] else "",
+              "Checked:\n\n" + "\n".join(f"- {_md_cell(line)}" for line in h["checked"]) if h["checked"] else "",
+              *[_md_figure(f) for f in h["figures"]], _md_cell(h["reward_model"]).strip()]
+    if h["disagreements"] or h["none_found"]:
+        parts += [f"### {DISAGREE_HEADING.format(basis=h['basis'])}", _md_cell(h["none_found"] or h["legend"]).strip()]
+        parts += [] if h["none_found"] else [_md_table(DISAGREE_HEADER, [
+            [_text(d, "instruction"), _text(d, "completion"), _text(d, "reference"), d["why"]]
+            for d in h["disagreements"]])]
+    if h["flips"]:
+        parts += [f"### {FLIPS_HEADING}", _md_table(_flip_header(h["flip_steps"]), [
+            [_text(f["first"], "instruction"), _text(f["first"], "answer"), _text(f["last"], "answer"),
+             _text(f["first"], "reference")] for f in h["flips"]])]
+    return "\n\n".join(p for p in parts if p)
 
 
 def error_counts(r: Report) -> list[tuple[str, dict[str, int]]]:
@@ -920,13 +1323,42 @@ def _failure_example_html(label: str, row: dict, limit: Optional[int]) -> str:
     return f"<h3>{title}</h3>" + _html_table(["instruction", "reference", "output"], [cells], "wide")
 
 
+def _img(f: Figure) -> str:
+    png = base64.b64encode(f.png).decode("ascii")
+    return f"<figure><img alt='{_e(f.title)}' src='data:image/png;base64,{png}'></figure>"
+
+
 def figures_html(r: Report) -> str:
-    imgs = "".join(f"<figure><img alt='{_e(f.title)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(f.png).decode('ascii')}'></figure>" for f in r.figures)
+    imgs = "".join(_img(f) for f in r.figures)
     notes = [dpo_note(r)] + [f"Not found: {m}" for m in r.missing_curves]
     return (f"<h2>{_e(figures_heading(r))}</h2>"
             + (f"<div class='figures'>{imgs}</div>" if imgs else "<p>No figures.</p>")
             + "".join(f"<p class='muted'>{_e(n)}</p>" for n in notes if n))
+
+
+def hacking_html(r: Report) -> str:
+    h = hacking_section(r)
+    if h is None:
+        return ""
+    out = f"<h2>{_e(HACKING_HEADING)}</h2>"
+    out += "".join(f"<p class='warning'>⚠️ <b>{_e(w)}</b></p>" for w in h["warnings"])
+    out += f"<p><b>{_e(h['summary'])}</b></p>" if h["summary"] else ""
+    out += ("<p>Checked:</p><ul>" + "".join(f"<li>{_e(line)}</li>" for line in h["checked"]) + "</ul>"
+            if h["checked"] else "")
+    out += f"<div class='figures'>{''.join(_img(f) for f in h['figures'])}</div>" if h["figures"] else ""
+    out += f"<p>{_e(h['reward_model'])}</p>" if h["reward_model"] else ""
+    if h["disagreements"] or h["none_found"]:
+        out += f"<h3>{_e(DISAGREE_HEADING.format(basis=h['basis']))}</h3>"
+        out += f"<p class='muted'>{_e(h['none_found'] or h['legend'])}</p>"
+        out += "" if h["none_found"] else _html_table(DISAGREE_HEADER, [
+            [_text_td(_text(d, "instruction")), _text_td(_text(d, "completion"), "fail"),
+              _text_td(_text(d, "reference")), _td(d["why"])] for d in h["disagreements"]], "wide")
+    if h["flips"]:
+        out += f"<h3>{_e(FLIPS_HEADING)}</h3>" + _html_table(_flip_header(h["flip_steps"]), [
+            [_text_td(_text(f["first"], "instruction")), _text_td(_text(f["first"], "answer"), "pass"),
+             _text_td(_text(f["last"], "answer"), "fail"), _text_td(_text(f["first"], "reference"))]
+            for f in h["flips"]], "wide")
+    return out
 
 
 def provenance_html(r: Report) -> str:
@@ -951,7 +1383,9 @@ def split_size_html(r: Report) -> str:
 
 def render_html(r: Report) -> str:
     body = "".join([f"<h1>{_e(r.title)}</h1><p class='headline'><b>{_e(headline(r))}</b></p>", split_size_html(r),
-                    f"<p>Models: {_e(', '.join(r.models))}.</p>", metrics_section_html(r), preference_html(r),
-                    forgetting_html(r), figures_html(r), samples_html(r), errors_html(r), provenance_html(r)])
+                    f"<p>Models: {_e(', '.join(r.models))}.</p>",
+                    f"<p>{_e(alignment_line(r))}</p>" if r.alignment else "", metrics_section_html(r),
+                    preference_html(r), forgetting_html(r), figures_html(r), hacking_html(r), samples_html(r),
+                    errors_html(r), provenance_html(r)])
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(r.title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")

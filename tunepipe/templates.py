@@ -1,8 +1,9 @@
 """Rendering canonical records into the exact text the model sees.
 
 A canonical record (see data/raw in the README) becomes ``{"id", "prompt",
-"completion", "meta"}`` (SFT) or ``{"id", "prompt", "chosen", "rejected",
-"meta"}`` (preference). The prompt runs up to where the model's answer starts;
+"completion", "meta"}`` (SFT), ``{"id", "prompt", "chosen", "rejected",
+"meta"}`` (a preference pair) or ``{"id", "prompt", "completion", "label", "meta"}``
+(an unpaired preference row: one answer, good or bad). The prompt runs up to where the model's answer starts;
 the answer is kept separate and WITHOUT an EOS, so the tokenize stage can mask
 the prompt exactly and append the EOS once.
 
@@ -76,6 +77,28 @@ def check_record(record: dict, answers: tuple[str, ...], where: str) -> None:
             raise DataError(f"{where}: history[{i}] must be {{\"role\": \"user\"|\"assistant\", \"content\": str}}")
     if not isinstance(record.get("meta", {}), dict):
         raise DataError(f"{where}: field 'meta' must be an object")
+
+
+def is_unpaired(record: dict) -> bool:
+    """An unpaired preference record or row (fetch.preference.format: unpaired): one answer and its label."""
+    return "label" in record
+
+
+def check_pref_record(record: dict, where: str) -> None:
+    """Raise DataError (naming ``where``) unless ``record`` is a canonical pair or unpaired row."""
+    if not is_unpaired(record):
+        return check_record(record, ("chosen", "rejected"), where)
+    check_record(record, ("completion",), where)
+    if not isinstance(record["label"], bool):
+        raise DataError(f"{where}: field 'label' must be true or false (got {record['label']!r})")
+
+
+def preference_kind(records: list[dict], where: str) -> Optional[str]:
+    """"paired" or "unpaired" for preference records all of one kind; None when there are none."""
+    kinds = {"unpaired" if is_unpaired(r) else "paired" for r in records}
+    if len(kinds) > 1:
+        raise DataError(f"{where}: mixes preference pairs and unpaired rows; use one format")
+    return next(iter(kinds), None)
 
 
 def user_message(record: dict) -> str:
@@ -165,8 +188,9 @@ def written_instruction(record: dict) -> str:
 
 
 def template_pref(record: dict, render: Render) -> dict:
-    return {"id": str(record["id"]), "prompt": render(record), "chosen": record["chosen"],
-            "rejected": record["rejected"], "meta": record.get("meta") or {}}
+    answers = ("completion", "label") if is_unpaired(record) else ("chosen", "rejected")
+    return {"id": str(record["id"]), "prompt": render(record), **{key: record[key] for key in answers},
+            "meta": record.get("meta") or {}}
 
 
 def chat_roundtrip_problem(record: dict, prompt: str, answer: str, tokenizer: Any, system_prompt: Optional[str],

@@ -157,15 +157,18 @@ def pref_prompt_text(prompt: str, tokenizer: Any, bos: bool) -> str:
     return prompt[len(bos_text):] if bos and bos_text and prompt.startswith(bos_text) else prompt
 
 
+ANSWER_COLUMNS = ("chosen", "rejected", "completion")  # a pair's two answers, or an unpaired row's one
+
+
 def measure_pref_batch(batch: dict, tokenizer: Any, bos: bool, max_length: int) -> dict:
-    """datasets.map(batched=True) function: token counts of each pair; drop a pair whose longer side overflows."""
+    """datasets.map(batched=True) function: token counts of each pair (or unpaired row); drop a pair
+    whose longer side overflows."""
     prompts = encode_prompts(tokenizer, batch["prompt"], bos)
-    chosen = encode_answers(tokenizer, batch["chosen"])
-    rejected = encode_answers(tokenizer, batch["rejected"])
+    answers = [encode_answers(tokenizer, batch[key]) for key in ANSWER_COLUMNS if key in batch]
     out = {"prompt": [pref_prompt_text(p, tokenizer, bos) for p in batch["prompt"]],
            "prompt_length": [], "raw_length": [], "status": []}
-    for p, c, r in zip(prompts, chosen, rejected):
-        length = len(p) + max(len(c), len(r)) + 1
+    for p, *sides in zip(prompts, *answers):
+        length = len(p) + max(map(len, sides)) + 1
         out["prompt_length"].append(len(p))
         out["raw_length"].append(length)
         out["status"].append(KEPT if length <= max_length else OVERLONG)

@@ -256,6 +256,37 @@ def save_trained(trainer, tokenizer, target: str | Path, record: dict) -> bool:
     return main
 
 
+# --------------------------------------------------------------------------- data
+
+
+def load_splits(path: str | Path, what: str, required) -> dict:
+    """The train and validation splits saved at ``path``, in memory (TRL's dataset maps must not
+    write cache files into data/). Each must have the ``required`` columns (a list, or a function
+    of the loaded splits that gives one) and rows; else a StageError names the path."""
+    from datasets import load_from_disk
+
+    from tunepipe.cli import StageError
+
+    try:
+        data = load_from_disk(str(path), keep_in_memory=True)
+    except (FileNotFoundError, ValueError) as exc:
+        raise StageError(f"{path}: cannot load {what}: {exc}") from None
+    if "train" not in data:
+        raise StageError(f"{path}: no 'train' split (found {sorted(data)})")
+    required = set(required(data) if callable(required) else required)
+    out = {}
+    for split in ("train", "validation"):
+        if split not in data:
+            continue
+        missing = required - set(data[split].column_names)
+        if missing:
+            raise StageError(f"{path}/{split}: missing column(s) {sorted(missing)}")
+        if len(data[split]) == 0:
+            raise StageError(f"{path}/{split}: empty split")
+        out[split] = data[split]
+    return out
+
+
 # --------------------------------------------------------------------------- trainer set-up
 
 
@@ -453,6 +484,14 @@ class TrainingRun:
             self.live.log_metric("train/tokens_per_second", round(tokens / (self.step_seconds - self._seconds_logged), 2))
             self._tokens_logged, self._seconds_logged = state.num_input_tokens_seen, self.step_seconds
 
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        """Log figures measured outside the trainer's own logs (the held-out check) at ``step``."""
+        if self.live is None:
+            return
+        self.live.step = step
+        for name, value in metrics.items():
+            self.live.log_metric(name, float(value))
+
     # ---- running
 
     def train(self, trainer) -> None:
@@ -510,7 +549,7 @@ class TrainingRun:
             "tokens_per_second": round(session_tokens / self.step_seconds, 2) if self.step_seconds else None,
             "train_seconds": round(self.train_seconds, 1),
             "peak_rss_mib": peak_rss_mib(),
-            "resumed_from_step": _checkpoint_step(self.resume_from),
+            "resumed_from_step": checkpoint_step(self.resume_from),
             "processes": trainer.accelerator.num_processes,
         }
 
@@ -530,7 +569,7 @@ def _plots_only_live(live_dir: Path, resume: bool):
     return PlotsOnlyLive(dir=str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False)
 
 
-def _checkpoint_step(path: Optional[Path]) -> Optional[int]:
+def checkpoint_step(path: Optional[Path]) -> Optional[int]:
     return int(path.name[len(CHECKPOINT_PREFIX):]) if path is not None else None
 
 
@@ -539,13 +578,25 @@ def _round(value, digits: int = 5):
 
 
 _PLOT_NAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-               "eval_loss": "eval/loss"}
+               "eval_loss": "eval/loss",
+               # GRPO / RLOO: the reward, the leash, and what the samples look like
+               "reward": "train/reward", "kl": "train/kl", "entropy": "train/entropy",
+               "completions/mean_length": "train/completion_length",
+               "completions/clipped_ratio": "train/completion_clipped",
+               "frac_reward_zero_std": "train/frac_reward_zero_std",
+               # KTO and ORPO
+               "nll_loss": "train/nll_loss", "log_odds_ratio": "train/log_odds_ratio",
+               "log_odds_chosen": "train/log_odds_chosen", "eval_kl": "eval/kl", "eval_nll_loss": "eval/nll_loss",
+               "eval_log_odds_ratio": "eval/log_odds_ratio", "eval_log_odds_chosen": "eval/log_odds_chosen"}
 
 
 def _plot_name(key: str) -> Optional[str]:
     """Trainer log keys -> DVCLive metric paths (train/..., eval/...); None for bookkeeping keys."""
     if key in _PLOT_NAMES:
         return _PLOT_NAMES[key]
+    if key.startswith("rewards/") and key.count("/") == 2:
+        # GRPO / RLOO: each reward function's mean (rewards/checker/mean -> train/rewards/checker), not its spread
+        return "train/" + key[:-len("/mean")] if key.endswith("/mean") else None
     if key.startswith("eval_") and ("rewards/" in key or "logps/" in key):
         return "eval/" + key[len("eval_"):]
     if key.startswith(("rewards/", "logps/")) or key == "mean_token_accuracy":
