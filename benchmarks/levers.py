@@ -12,6 +12,8 @@ Each lever times the same work two ways, alternating, median of ``repeats``:
     packed_attention     two decoder layers, forward + backward, on 8 long examples (256 tokens) packed in one
                          row: SDPA with transformers' block-diagonal mask vs tunepipe.attention's one causal
                          call over the examples as rows (at the default data's ~60 tokens it is a wash)
+    fast_lora_dropout    the LoRA dropouts of one decoder layer (six of the hidden size, one of the MLP's), forward +
+                         backward on 960 tokens: nn.Dropout vs tunepipe.dropout's (a quarter of the random draws)
     batched_map          tokenizing the templated SFT records with datasets.map, one row at a time vs batched
 
 "speedup" is always lever-on over lever-off time (>1: the lever pays).
@@ -123,6 +125,9 @@ def main(repeats: int = 3, ws: Path | None = None) -> dict:
     rows.append({"lever": "packed_attention", **packed_attention(layers, config, repeats)})
     rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
 
+    rows.append({"lever": "fast_lora_dropout", **lora_dropouts(config, repeats)})
+    rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
+
     rows.append({"lever": "batched_map", **batched_map(ws, repeats)})
     rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
     return {"command": f"python -m benchmarks.levers --repeats {repeats}", "tokens": TOKENS,
@@ -150,6 +155,21 @@ def packed_attention(layers, config, repeats: int) -> dict:
         return compare(lambda: step("sdpa"), lambda: step(PACKED_SDPA), repeats)
     finally:
         config._attn_implementation = "sdpa"
+
+
+def lora_dropouts(config, repeats: int) -> dict:
+    import torch
+
+    from tunepipe.dropout import FastDropout
+
+    inputs = [torch.randn(1, TOKENS, width, requires_grad=True)
+              for width in [config.hidden_size] * 6 + [config.intermediate_size]]
+
+    def step(dropout):
+        for x in inputs:
+            dropout(x).sum().backward()
+
+    return compare(lambda: step(torch.nn.Dropout(0.05)), lambda: step(FastDropout(0.05)), repeats)
 
 
 def batched_map(ws: Path, repeats: int) -> dict:

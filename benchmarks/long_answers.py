@@ -1,6 +1,7 @@
 """The long-answer workload: the default prompts with answers of 100-400 tokens, for train-sft and train-dpo.
 
     python -m benchmarks.long_answers [--steps 4] [--repeats 1] [--examples 32]   # sft and dpo vs plain TRL
+    python -m benchmarks.long_answers --no-dpo --lever ours-bernoulli_dropout     # sft only, and one lever off
 
 The default workload's answers are 3.8 tokens in a 59.5-token example (6.4% of tokens carry
 loss), so its headline ratio leans on "LM head only at labelled positions", a lever real
@@ -141,8 +142,9 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--examples", type=int, default=32)
     p.add_argument("--no-dpo", action="store_true")
+    p.add_argument("--lever", action="append", default=[], help="an SFT variant of benchmarks.sft (repeatable)")
     a = p.parse_args()
-    res = main(a.steps, a.repeats, a.examples, dpo=not a.no_dpo)
+    res = main(a.steps, a.repeats, a.examples, dpo=not a.no_dpo, sft_levers=a.lever)
     for name in ("sft", "dpo"):
         if name in res:
             harness.save_results(name, dict(res[name], workload_stats=res["workload"]), workload=WORKLOAD)

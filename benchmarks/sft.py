@@ -16,7 +16,8 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     ours+bf16, ours-fp32, ours+group_by_length, ours+checkpointing, ours-padded,
     ours-masked_attention (padding-free on transformers' block-diagonal mask instead of
     tunepipe.attention), ours-all_positions (TRL's LM head over every position, as on a GPU
-    it does only over labelled ones): one lever changed each (--levers)
+    it does only over labelled ones), ours-bernoulli_dropout (PEFT's nn.Dropout instead of
+    tunepipe.dropout's): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ VARIANTS = {
     "ours-fp32": {"precision": "fp32"},
     "ours-masked_attention": {},
     "ours-all_positions": {},
+    "ours-bernoulli_dropout": {},
 }
 # Levers that are code, not params: the variant switches the function off (module, name).
 SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),
-                "ours-all_positions": ("stages.train_sft", "score_only_labelled_positions")}
+                "ours-all_positions": ("stages.train_sft", "score_only_labelled_positions"),
+                "ours-bernoulli_dropout": ("stages.train_sft", "use_fast_lora_dropout")}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 

@@ -29,8 +29,7 @@ from tunepipe.cli import StageError, run_stage
 from tunepipe.modeling import (SKIPPED, load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads,
                                trainable_parameters)
 from tunepipe.heldout import HeldOutCheck, StepLog, checkable_rows
-from tunepipe.online import BUILDERS as ONLINE_TRAINERS
-from tunepipe.online import Rewards, has_checks, prompt_dataset
+from tunepipe.online import Rewards, build_online_trainer, has_checks, prompt_dataset
 from tunepipe.params import ONLINE_ALGORITHMS, Params
 from tunepipe.preference import (WITH_REFERENCE, build_dpo_trainer, build_kto_trainer, build_orpo_trainer,
                                  check_algorithm_fits, data_kind, data_summary, fit_prompts, kind_from_info,
@@ -51,9 +50,9 @@ CHECKPOINTS = Path("models/checkpoints/dpo")
 METRICS = Path("metrics/train_dpo.json")
 LIVE_DIR = Path("metrics/train_dpo")
 
-# train_dpo.algorithm -> its trainer; each takes (model, ref_model, tokenizer, data, cfg, *, seed, precision,
-# peft_config, run, output_dir). The offline ones learn from data/tokenized/pref, the online ones
-# (tunepipe/online.py) from the model's own samples of the SFT prompts, scored by a reward.
+# The offline algorithms -> their trainers; each takes (model, ref_model, tokenizer, data, cfg, *, seed,
+# precision, peft_config, run, output_dir) and learns from data/tokenized/pref. The online ones
+# (build_online_trainer, tunepipe/online.py) learn from the model's own samples of the SFT prompts.
 TRAINERS = {"dpo": build_dpo_trainer, "kto": build_kto_trainer, "orpo": build_orpo_trainer}
 
 
@@ -112,9 +111,8 @@ def main(params: Params) -> None:
     logs = {name: StepLog(CHECKPOINTS / f"{name}.jsonl", checkpoint_step(resume)) for name in ("heldout", "rollouts")}
     if online:
         rewards = online_rewards(cfg, prompts, tokenizer, logs["rollouts"], params.shared.trust_remote_code)
-        trainer = ONLINE_TRAINERS[cfg.algorithm](model, ref_model, tokenizer, data, cfg, seed=seed, precision=precision,
-                                                 peft_config=peft_config, run=run, rewards=rewards,
-                                                 output_dir=CHECKPOINTS)
+        trainer = build_online_trainer(cfg.algorithm, model, tokenizer, data, cfg, seed=seed, precision=precision,
+                                       peft_config=peft_config, run=run, rewards=rewards, output_dir=CHECKPOINTS)
     else:
         trainer = TRAINERS[cfg.algorithm](model, ref_model, tokenizer, data, cfg, seed=seed, precision=precision,
                                           peft_config=peft_config, run=run, output_dir=CHECKPOINTS)

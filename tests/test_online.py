@@ -106,7 +106,7 @@ def test_online_training_raises_a_learnable_reward(algorithm, peaked_model_dir, 
     from transformers import AutoTokenizer
 
     from tunepipe.modeling import load_for_training
-    from tunepipe.online import BUILDERS, Rewards, prompt_dataset
+    from tunepipe.online import Rewards, build_online_trainer, prompt_dataset
     from tunepipe.training import TrainingRun
 
     # full fine-tuning without a KL term (beta 0): the embeddings themselves can move
@@ -125,10 +125,9 @@ def test_online_training_raises_a_learnable_reward(algorithm, peaked_model_dir, 
         return [float(bool(ids) and ids[0] == favourite) for ids in completion_ids]
 
     run = TrainingRun(tmp_path / "live", None)
-    trainer = BUILDERS[algorithm](model, None, tokenizer, {"train": prompts}, cfg, seed=0, precision="fp32",
-                                  peft_config=peft_config, run=run, rewards=Rewards("model", with_checker=True,
-                                                                                      scorer=starts_with_favourite),
-                                  output_dir=tmp_path / "ckpt")
+    rewards = Rewards("model", with_checker=True, scorer=starts_with_favourite)
+    trainer = build_online_trainer(algorithm, model, tokenizer, {"train": prompts}, cfg, seed=0, precision="fp32",
+                                   peft_config=peft_config, run=run, rewards=rewards, output_dir=tmp_path / "ckpt")
     run.train(trainer)
 
     after = first_token_probability(trainer.model.eval(), tokenizer, prompts["prompt"], favourite)

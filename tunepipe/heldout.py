@@ -2,7 +2,7 @@
 
     log = StepLog(CHECKPOINTS / "heldout.jsonl", resumed_step)    # survives a kill like the checkpoints
     check = HeldOutCheck(rows, tokenizer, run, log, every=cfg.eval_steps, max_new_tokens=24)
-    trainer = ...(callbacks=[*run.callbacks(), check])            # step 0, every `every` steps, the last step
+    trainer.add_callback(check.callback())                        # step 0, every `every` steps, the last step
     log.publish("data/alignment/heldout.jsonl")                   # once the model is saved
 
 At each evaluation the model answers the same validation prompts greedily; the task checker

@@ -1,9 +1,10 @@
 """Online alignment: GRPO and RLOO through TRL, with a KL leash to the SFT model (docs/alignment.md).
 
     prompts = prompt_dataset(read_jsonl("data/templated/sft_train.jsonl"), tokenizer)
-    rewards = Rewards(cfg.reward, scorer=None, rollouts=StepLog(...))     # scorer: reward_model.RewardScorer
-    trainer = build_grpo_trainer(model, None, tokenizer, {"train": prompts}, cfg, seed=42, precision="fp32",
-                                 peft_config=peft_config, run=run, rewards=rewards)
+    rewards = Rewards(cfg.reward, with_checker=has_checks(rows), scorer=None,  # scorer: reward_model.RewardScorer
+                      rollouts=StepLog(...))
+    trainer = build_online_trainer("grpo", model, tokenizer, {"train": prompts}, cfg, seed=42, precision="fp32",
+                                   peft_config=peft_config, run=run, rewards=rewards, output_dir="models/checkpoints/dpo")
 
 Each step samples ``num_generations`` answers to each of ``batch_size`` prompts; the reward scores
 them, and each answer is pushed up or down by how it compares with the others of its prompt (GRPO:
@@ -40,14 +41,10 @@ def prompt_dataset(rows: list[dict], tokenizer):
     """
     from datasets import Dataset
 
-    from tunepipe.tokenization import adds_bos
+    from tunepipe.tokenization import adds_bos, pref_prompt_text
 
-    bos = tokenizer.bos_token if adds_bos(tokenizer) and tokenizer.bos_token else None
-
-    def prompt(text: str) -> str:
-        return text[len(bos):] if bos and text.startswith(bos) else text
-
-    return Dataset.from_list([{"prompt": prompt(r["prompt"]), "id": str(r.get("id")),
+    bos = adds_bos(tokenizer)
+    return Dataset.from_list([{"prompt": pref_prompt_text(r["prompt"], tokenizer, bos), "id": str(r.get("id")),
                                "instruction": r.get("instruction") or r["prompt"],
                                "reference": r.get("completion"), "meta_json": json.dumps(r.get("meta") or {})}
                               for r in rows])
@@ -72,9 +69,7 @@ class Rewards:
     def __init__(self, source: str, *, with_checker: bool, scorer: Optional[Callable] = None, rollouts=None):
         if source == MODEL and scorer is None:
             raise ValueError("reward 'model' needs the reward model's scorer")
-        self.names = [MODEL, CHECKER] if source == MODEL else [CHECKER]
-        if source == MODEL and not with_checker:
-            self.names = [MODEL]
+        self.names = ([MODEL, CHECKER] if with_checker else [MODEL]) if source == MODEL else [CHECKER]
         self.weights = [1.0] + [0.0] * (len(self.names) - 1)  # the checker beside a model reward is only watched
         self.scorer, self.rollouts = scorer, rollouts
         self._batch, self._scores = None, {}
@@ -141,24 +136,19 @@ def online_arguments(cfg, *, output_dir, seed: int, precision: str, rewards: Rew
                 remove_unused_columns=False)
 
 
-def build_grpo_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int, precision: str, peft_config,
-                       run, rewards: Rewards, output_dir, callbacks=()):
-    from trl import GRPOConfig, GRPOTrainer
+def build_online_trainer(algorithm: str, model, tokenizer, data: dict, cfg, *, seed: int, precision: str,
+                         peft_config, run, rewards: Rewards, output_dir):
+    """TRL's GRPOTrainer or RLOOTrainer (``algorithm``) on the prompts of ``data["train"]``."""
+    import trl
 
-    args = GRPOConfig(**online_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision, rewards=rewards))
-    return GRPOTrainer(model=model, reward_funcs=rewards.functions(), args=args, train_dataset=data["train"],
-                       processing_class=tokenizer, peft_config=peft_config,
-                       callbacks=[*run.callbacks(), *callbacks])
+    from tunepipe.dropout import use_fast_lora_dropout
 
-
-def build_rloo_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int, precision: str, peft_config,
-                       run, rewards: Rewards, output_dir, callbacks=()):
-    from trl import RLOOConfig, RLOOTrainer
-
-    args = RLOOConfig(**online_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision, rewards=rewards))
-    return RLOOTrainer(model=model, reward_funcs=rewards.functions(), args=args, train_dataset=data["train"],
-                       processing_class=tokenizer, peft_config=peft_config,
-                       callbacks=[*run.callbacks(), *callbacks])
+    name = algorithm.upper()
+    config, trainer_class = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
+    args = config(**online_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision, rewards=rewards))
+    trainer = trainer_class(model=model, reward_funcs=rewards.functions(), args=args, train_dataset=data["train"],
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=run.callbacks())
+    use_fast_lora_dropout(trainer.model)
+    return trainer
 
 
-BUILDERS = {"grpo": build_grpo_trainer, "rloo": build_rloo_trainer}

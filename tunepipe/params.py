@@ -254,7 +254,7 @@ class TrainDpo(TrainCommon):
         "checker", description="grpo/rloo: checker (1 when the task checker passes the answer, else 0) | model "
                                "(the reward model train-reward trains on the preference pairs)")
     num_generations: int = Field(4, ge=2, description="grpo/rloo: samples per prompt, compared with each other")
-    max_completion_length: int = Field(32, ge=1, description="grpo/rloo: tokens per sample")
+    max_completion_length: int = Field(32, ge=1, description="grpo/rloo: tokens per sample; every algorithm: tokens per held-out check answer")
     temperature: float = Field(1.0, gt=0, description="grpo/rloo: sampling temperature of the rollouts")
     heldout_prompts: int = Field(32, ge=0, description="held-out task accuracy over training: greedy answers to this "
                                                        "many validation prompts at each evaluation (0: off)")

@@ -139,17 +139,8 @@ def build_dpo_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int
                       run: TrainingRun, output_dir: Path):
     from trl import DPOConfig, DPOTrainer
 
-    _measure_against_reference(precision)
-    args = DPOConfig(
-        **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,
-                            evaluate="validation" in data),
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-        label_smoothing=cfg.label_smoothing,
-        max_length=cfg.max_length,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        precompute_ref_batch_size=cfg.batch_size * 2,  # forward only: twice the batch fits
-    )
+    args = DPOConfig(**_against_reference(cfg, data, output_dir=output_dir, seed=seed, precision=precision),
+                     loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing)
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data["train"],
                       eval_dataset=data.get("validation"), processing_class=tokenizer, peft_config=peft_config,
                       callbacks=run.callbacks())
@@ -162,21 +153,12 @@ def build_kto_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int
     if cfg.batch_size < 2:
         raise StageError("train_dpo.batch_size: KTO needs at least 2 rows per batch (its KL estimate pairs each "
                          "answer with another prompt of the batch)")
-    _measure_against_reference(precision)
     data = {split: unpaired_rows(ds, seed) for split, ds in data.items()}
     desirable, undesirable = balanced_weights(data["train"]["label"])
     log.info("KTO weights: desirable %s, undesirable %s (%d rows, %d of them desirable)", desirable, undesirable,
              len(data["train"]), sum(data["train"]["label"]))
-    args = KTOConfig(
-        **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,
-                            evaluate="validation" in data),
-        beta=cfg.beta,
-        desirable_weight=desirable,
-        undesirable_weight=undesirable,
-        max_length=cfg.max_length,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        precompute_ref_batch_size=cfg.batch_size * 2,  # forward only: twice the batch fits
-    )
+    args = KTOConfig(**_against_reference(cfg, data, output_dir=output_dir, seed=seed, precision=precision),
+                     desirable_weight=desirable, undesirable_weight=undesirable)
     return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data["train"],
                       eval_dataset=data.get("validation"), processing_class=tokenizer, peft_config=peft_config,
                       callbacks=run.callbacks())
@@ -204,12 +186,17 @@ def build_orpo_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: in
                            processing_class=tokenizer, peft_config=peft_config, callbacks=run.callbacks())
 
 
-def _measure_against_reference(precision: str) -> None:
-    """What DPO and KTO need to measure the policy against the reference (both score log-probs
-    with TRL's fused LM head, and compare the adapter on with the adapter off)."""
+def _against_reference(cfg, data: dict, *, output_dir: Path, seed: int, precision: str) -> dict:
+    """The DPOConfig / KTOConfig fields both take, once what they need to measure the policy against
+    the reference is set up (both score log-probs with TRL's fused LM head, and compare the adapter
+    on with the adapter off)."""
     score_only_labelled_positions()
     if precision == "bf16":
         keep_lora_deltas_in_fp32()  # else bf16 measures policy - reference as ~0 and the loss barely moves
+    return dict(trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,
+                                  evaluate="validation" in data),
+                beta=cfg.beta, max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+                precompute_ref_batch_size=cfg.batch_size * 2)  # forward only: twice the batch fits
 
 
 def _orpo_trainer():
