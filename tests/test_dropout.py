@@ -83,3 +83,37 @@ def test_installed_in_every_lora_layer_of_the_sft_trainer(tiny_model_dir, tmp_pa
     dropouts = [m for name, m in trainer.model.named_modules() if ".lora_dropout." in name]
     assert dropouts and all(type(m) is FastDropout and m.p == cfg.lora_dropout for m in dropouts)
     assert not any(type(m) is nn.Dropout for m in dropouts)
+
+
+def test_online_trainer_installs_it_too(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.trainingdata import templated_rows, tiny_params
+    from tunepipe.dropout import FastDropout
+    from tunepipe.modeling import load_for_training
+    from tunepipe.online import Rewards, build_online_trainer, prompt_dataset
+    from tunepipe.training import TrainingRun
+
+    cfg = tiny_params(train_dpo={"algorithm": "grpo", "lora_dropout": 0.1, "max_steps": 1, "batch_size": 2,
+                                 "num_generations": 2, "max_completion_length": 2}).train_dpo
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = "<|endoftext|>"
+    model, peft_config = load_for_training(tiny_model_dir, cfg, tokenizer, trust_remote_code=False)
+    prompts = prompt_dataset(templated_rows(tokenizer, "train", 4), tokenizer)
+    trainer = build_online_trainer("grpo", model, tokenizer, {"train": prompts}, cfg, seed=0, precision="fp32",
+                                   peft_config=peft_config, run=TrainingRun(tmp_path / "live", None),
+                                   rewards=Rewards("checker", with_checker=True), output_dir=tmp_path / "ckpt")
+    dropouts = [m for name, m in trainer.model.named_modules() if ".lora_dropout." in name]
+    assert dropouts and all(type(m) is FastDropout for m in dropouts)
+
+
+@pytest.mark.parametrize("p, replaced", [(1e-6, False), (0.05, True), (1 - 1e-6, False)])
+def test_rates_the_16_bit_uniforms_cannot_draw_keep_nn_dropout(p, replaced):
+    from torch import nn
+
+    from tunepipe.dropout import FastDropout, use_fast_lora_dropout
+
+    layer = nn.Module()
+    layer.lora_dropout = nn.ModuleDict({"default": nn.Dropout(p)})
+    assert use_fast_lora_dropout(layer) == int(replaced)
+    assert type(layer.lora_dropout["default"]) is (FastDropout if replaced else nn.Dropout)

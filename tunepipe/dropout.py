@@ -35,7 +35,8 @@ def use_fast_lora_dropout(model) -> int:
         if not isinstance(dropouts, nn.ModuleDict):
             continue
         for name, dropout in dropouts.items():
-            if type(dropout) is nn.Dropout and 0 < dropout.p < 1:
+            # Rates that round to 0 or 1 in 1/65536ths stay exact with nn.Dropout.
+            if type(dropout) is nn.Dropout and 0 < round(dropout.p * RESOLUTION) < RESOLUTION:
                 dropouts[name] = FastDropout(dropout.p)
                 replaced += 1
     return replaced
@@ -55,8 +56,9 @@ def keep_mask(shape, p: float) -> tuple[torch.Tensor, float]:
     """A boolean mask keeping each element with probability ~1-p, and the scale that keeps the mean."""
     threshold = round(p * RESOLUTION)
     n = shape.numel() if isinstance(shape, torch.Size) else torch.Size(shape).numel()
-    # The full signed 64-bit range: every one of the four 16-bit pieces is uniform.
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
+    # From the int64 minimum with no upper bound torch draws all 64 bits (no modulo),
+    # so every one of the four 16-bit pieces is exactly uniform.
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
     uniforms = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     keep = uniforms >= threshold - RESOLUTION // 2
     return keep, RESOLUTION / (RESOLUTION - threshold)
