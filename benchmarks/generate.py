@@ -2,8 +2,8 @@
 
     python -m benchmarks.generate [--prompts 96] [--repeats 2]
 
-Every side decodes greedily (params.evaluate.max_new_tokens, KV cache, stop at
-EOS) from the same base model and test prompts (data/templated/sft_test.jsonl,
+Every side decodes greedily (params.evaluate.max_new_tokens, derived from the
+training answers as evaluate does when it is auto; KV cache, stop at EOS) from the same base model and test prompts (data/templated/sft_test.jsonl,
 else the preference prompts; by default all 96 the evaluate stage scores):
 
     naive            ``model.generate`` once per prompt (batch 1, no padding): the loop everyone writes first
@@ -36,6 +36,17 @@ def load_prompts(ws: Path, n: int) -> list[str]:
     from datasets import load_from_disk
 
     return list(load_from_disk(str(ws / "data/tokenized/pref"))["train"]["prompt"][:n])
+
+
+def answer_limit(ws: Path, cfg, tokenizer) -> int:
+    """evaluate.max_new_tokens as the evaluate stage resolves it ("auto": from the training answers)."""
+    if cfg.max_new_tokens != "auto":
+        return cfg.max_new_tokens
+    from tunepipe.artifacts import read_jsonl
+    from tunepipe.generation import answer_length_limit
+
+    answers = [r["completion"] for r in read_jsonl(ws / "data/templated/sft_train.jsonl")]
+    return answer_length_limit(tokenizer, answers, cfg.max_new_tokens_cap)[0]
 
 
 def naive_generate(model, tokenizer, prompts, decoding) -> list:
@@ -85,7 +96,8 @@ def measure(spec: dict) -> dict:
     model = load_model(ws / "models/base")
     fit_embeddings(model, tokenizer)
     prompts = load_prompts(ws, spec["prompts"])
-    decoding = dataclasses.replace(g.Decoding.from_params(cfg), do_sample=False)  # greedy: outputs must match
+    limit = answer_limit(ws, cfg, tokenizer)
+    decoding = dataclasses.replace(g.Decoding.from_params(cfg, limit), do_sample=False)  # greedy: outputs must match
     sides = {
         "naive": lambda: naive_generate(model, tokenizer, prompts, decoding),
         "generate_batched": lambda: batched_generate(model, tokenizer, prompts, decoding, cfg.batch_size),
@@ -105,7 +117,7 @@ def measure(spec: dict) -> dict:
     mismatches = {side: [i for i, (a, b) in enumerate(zip(outputs["naive"], texts)) if a != b]
                   for side, texts in outputs.items() if side != "naive"}
     return {"runs": runs, "n_prompts": len(prompts), "batch_size": cfg.batch_size,
-            "max_new_tokens": cfg.max_new_tokens, "mismatches": mismatches,
+            "max_new_tokens": limit, "mismatches": mismatches,
             "prompt_tokens": sum(len(x) for x in g.encode_prompts(tokenizer, prompts)),
             "sample": {"prompt_tail": prompts[0][-80:], **{side: texts[0] for side, texts in outputs.items()}}}
 

@@ -20,7 +20,7 @@ PEAK = {"fp32_gflops": 10.0, "bf16_gflops": 0.5, "bf16_over_fp32": 0.05, "thread
 def bench_ws(tmp_path_factory, tiny_model_dir, smol_tokenizer):
     root = make_workdir(tmp_path_factory.mktemp("bench_ws"), tiny_model_dir, smol_tokenizer, n_sft=16, n_pref=8)
     params = tiny_params(train_sft={"batch_size": 4}, train_dpo={"batch_size": 2},
-                         evaluate={"batch_size": 4, "max_new_tokens": 8})
+                         evaluate={"batch_size": 4, "max_new_tokens": "auto", "max_new_tokens_cap": 8})
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     return root
 
@@ -79,6 +79,7 @@ def test_generate_compares_naive_batched_and_ours(bench_ws, tmp_path):
     r = generate.measure({"workspace": str(bench_ws), "params": str(bench_ws / "params.yaml"),
                           "prompts": 6, "repeats": 1})
     assert r["n_prompts"] == 6 and r["batch_size"] == 4
+    assert r["max_new_tokens"] == 8  # "auto" resolved from the training answers as evaluate does (here: the cap)
     for side in ("naive", "generate_batched", "ours"):
         (run,) = r["runs"][side]
         assert 0 < run["tokens"] <= 6 * 8 and run["tokens_per_s"] > 0
