@@ -38,17 +38,6 @@ def load_prompts(ws: Path, n: int) -> list[str]:
     return list(load_from_disk(str(ws / "data/tokenized/pref"))["train"]["prompt"][:n])
 
 
-def answer_limit(ws: Path, cfg, tokenizer) -> int:
-    """evaluate.max_new_tokens as the evaluate stage resolves it ("auto": from the training answers)."""
-    if cfg.max_new_tokens != "auto":
-        return cfg.max_new_tokens
-    from tunepipe.artifacts import read_jsonl
-    from tunepipe.generation import answer_length_limit
-
-    answers = [r["completion"] for r in read_jsonl(ws / "data/templated/sft_train.jsonl")]
-    return answer_length_limit(tokenizer, answers, cfg.max_new_tokens_cap)[0]
-
-
 def naive_generate(model, tokenizer, prompts, decoding) -> list:
     """The loop everyone writes first: one ``generate`` call per prompt, nothing padded
     (a batch of one has no padding; the length order changes no cost)."""
@@ -85,6 +74,7 @@ def greedy_config(model, tokenizer, decoding):
 def measure(spec: dict) -> dict:
     from transformers import set_seed
 
+    from stages.evaluate import generation_limit
     from tunepipe import generation as g
     from tunepipe.modeling import fit_embeddings, load_model, load_tokenizer
     from tunepipe.params import load_params
@@ -96,7 +86,7 @@ def measure(spec: dict) -> dict:
     model = load_model(ws / "models/base")
     fit_embeddings(model, tokenizer)
     prompts = load_prompts(ws, spec["prompts"])
-    limit = answer_limit(ws, cfg, tokenizer)
+    limit = generation_limit(cfg, tokenizer, ws / "data/templated")["max_new_tokens"]
     decoding = dataclasses.replace(g.Decoding.from_params(cfg, limit), do_sample=False)  # greedy: outputs must match
     sides = {
         "naive": lambda: naive_generate(model, tokenizer, prompts, decoding),

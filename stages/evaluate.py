@@ -91,13 +91,13 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def generation_limit(cfg, tokenizer) -> dict:
-    """evaluate.max_new_tokens, derived from the training answers when it is auto."""
+def generation_limit(cfg, tokenizer, templated: Path = TEMPLATED) -> dict:
+    """evaluate.max_new_tokens, derived from the training answers when it is auto (benchmarks.generate too)."""
     from tunepipe.generation import answer_length_limit
 
     if cfg.max_new_tokens != "auto":
         return {"max_new_tokens": cfg.max_new_tokens, "derived": "evaluate.max_new_tokens"}
-    answers = [r["completion"] for r in read_jsonl(TEMPLATED / "sft_train.jsonl")]
+    answers = [r["completion"] for r in read_jsonl(templated / "sft_train.jsonl")]
     limit, how = answer_length_limit(tokenizer, answers, cfg.max_new_tokens_cap)
     return {"max_new_tokens": limit, "derived": how}
 

@@ -28,7 +28,7 @@ def tiny_params(base_dir: str) -> dict:
     for stage in ("train_sft", "train_dpo", "train_reward"):
         params[stage].update(max_steps=4, batch_size=4, logging_steps=1, eval_steps=2, save_steps=2)
     params["train_dpo"].update(heldout_prompts=4, max_completion_length=8)
-    params["evaluate"].update(max_new_tokens=8, batch_size=4)
+    params["evaluate"].update(max_new_tokens="auto", max_new_tokens_cap=8, batch_size=4)  # the default auto path
     params["report"]["n_samples"] = 2
     return params
 
