@@ -3,8 +3,9 @@
     python -m benchmarks.generate [--prompts 96] [--repeats 2]
 
 Every side decodes greedily (params.evaluate.max_new_tokens, derived from the
-training answers as evaluate does when it is auto; KV cache, stop at EOS) from the same base model and test prompts (data/templated/sft_test.jsonl,
-else the preference prompts; by default all 96 the evaluate stage scores):
+training answers as evaluate does when it is auto; KV cache, stop at EOS) from the
+same base model and test prompts (data/templated/sft_test.jsonl, else the preference
+prompts; by default all 96 the evaluate stage scores):
 
     naive            ``model.generate`` once per prompt (batch 1, no padding): the loop everyone writes first
     generate_batched ``model.generate`` on left-padded batches of params.evaluate.batch_size, sorted by length
