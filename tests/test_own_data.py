@@ -54,9 +54,9 @@ def read(root, path: str):
 def alpaca_project(reproduced_project, tmp_path_factory):
     root, env = copy_project(reproduced_project, tmp_path_factory.mktemp("own_alpaca") / "p")
     write_jsonl(root / "mydata/alpaca.jsonl", alpaca_rows(120))
-    # the README's command, plus the tiny configuration's evaluate limit set back to its default
+    # the README's command, plus the tiny configuration's evaluate cap set back to its default
     exp_run(root, env, "fetch.sft.source=local", "fetch.sft.path=mydata/alpaca.jsonl", "fetch.sft.format=alpaca",
-            "fetch.preference.source=none", "evaluate.max_new_tokens=auto")
+            "fetch.preference.source=none", "evaluate.max_new_tokens_cap=384")
     return root
 
 
@@ -79,7 +79,8 @@ def test_alpaca_metrics_derive_the_answer_length_and_flag_the_small_test(alpaca_
     assert metrics["final"].get("task_accuracy") is None  # no checker: no task accuracy
     assert metrics["test_size"]["n_items"] == 30 and metrics["test_size"]["small"]
     generation = metrics["generation"]
-    assert generation["derived"].startswith("auto: 95th percentile") and generation["max_new_tokens"] > 48
+    assert generation["derived"].startswith("auto: 95th percentile") and "capped" not in generation["derived"]
+    assert generation["max_new_tokens"] > 48  # long answers: a longer limit than the default data's
     gens = [json.loads(line) for line in (root / "data/eval/final/generations.jsonl").read_text().splitlines()]
     assert max(g["n_new_tokens"] for g in gens) <= generation["max_new_tokens"]
 
