@@ -17,7 +17,8 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     ours-masked_attention (padding-free on transformers' block-diagonal mask instead of
     tunepipe.attention), ours-all_positions (TRL's LM head over every position, as on a GPU
     it does only over labelled ones), ours-bernoulli_dropout (PEFT's nn.Dropout instead of
-    tunepipe.dropout's): one lever changed each (--levers)
+    tunepipe.dropout's), ours-unshared_prefix (every example computes the system prompt again
+    instead of tunepipe.shared_prefix sending it once): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ VARIANTS = {
     "ours-masked_attention": {},
     "ours-all_positions": {},
     "ours-bernoulli_dropout": {},
+    "ours-unshared_prefix": {},
 }
 # Levers that are code, not params: the variant switches the function off (module, name).
 SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),
                 "ours-all_positions": ("stages.train_sft", "score_only_labelled_positions"),
-                "ours-bernoulli_dropout": ("stages.train_sft", "use_fast_lora_dropout")}
+                "ours-bernoulli_dropout": ("stages.train_sft", "use_fast_lora_dropout"),
+                "ours-unshared_prefix": ("stages.train_sft", "use_shared_prefix")}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 
@@ -119,19 +122,20 @@ def plain_trainer(model, tokenizer, train, cfg, seed, peft_config, output_dir):
 
 
 class TokenCounter:
-    """Wraps the collator: counts trained (label != -100) and non-padding tokens of each batch, in order."""
+    """Wraps the collator: counts, for each batch in order, the trained (label != -100) tokens, the examples'
+    tokens, and the tokens the model computes (more with padding, fewer with a shared prefix sent once)."""
 
     def __init__(self, collator):
         self.collator = collator
         self.trained: list[int] = []
         self.real: list[int] = []
-        self.padded: list[int] = []
+        self.computed: list[int] = []
 
     def __call__(self, examples):
         batch = self.collator(examples)
         self.trained.append(int((batch["labels"] != -100).sum()))
         self.real.append(sum(len(e["input_ids"]) for e in examples))
-        self.padded.append(int(batch["input_ids"].numel()))
+        self.computed.append(int(batch["input_ids"].numel()))
         return batch
 
 
@@ -151,7 +155,7 @@ def StepClock():  # noqa: N802 (a factory: transformers is imported only inside 
 
 def model_flops_per_token(model) -> dict:
     """Matmul FLOPs of one token, LoRA training: forward 2N, backward to activations 2N (frozen weights get
-    no weight gradient), for the body per non-padding token and for the LM head per trained token (TRL 1.16
+    no weight gradient), for the body per example token and for the LM head per trained token (TRL 1.16
     projects only label positions). Attention score FLOPs are left out (<3% at these lengths)."""
     head = model.get_output_embeddings().weight.numel()
     body = sum(m.weight.numel() for name, m in model.named_modules()
@@ -164,10 +168,11 @@ def measured(steps: int, ends: list[float], counter: TokenCounter, flops: dict, 
     seconds = ends[-1] - ends[0] if len(ends) >= 2 else None
     trained = sum(counter.trained[1:steps])
     real = sum(counter.real[1:steps])
-    padded = sum(counter.padded[1:steps])
+    computed = sum(counter.computed[1:steps])
+    # MFU counts the FLOPs of the examples' tokens (padding is waste, a shared prefix counts once per example)
     model_flops = flops["body"] * real + flops["head"] * trained
     return {"steps": len(ends), "seconds": seconds, "trained_tokens": trained, "real_tokens": real,
-            "padded_tokens": padded, "tokens_per_s": trained / seconds if seconds else None,
+            "computed_tokens": computed, "tokens_per_s": trained / seconds if seconds else None,
             "model_gflops_per_s": model_flops / seconds / 1e9 if seconds else None,
             "losses": losses, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, **extra}
@@ -215,7 +220,7 @@ def summarize(runs: dict[str, list[dict]], peak: dict) -> list[dict]:
         rows.append({
             "variant": variant, "tokens_per_s": round(tps, 4), "speedup": harness.ratio(tps, base_tps),
             "peak_rss_mib": harness.median(rs, "peak_rss_mib"),
-            "padding_share": round(1 - rs[0]["real_tokens"] / rs[0]["padded_tokens"], 3),
+            "computed_share": round(rs[0]["computed_tokens"] / rs[0]["real_tokens"], 3),
             "mfu_fp32": harness.ratio(gflops, peak["fp32_gflops"], 3),
             "mfu_bf16": harness.ratio(gflops, peak["bf16_gflops"], 3),
             "first_loss": round(rs[0]["first_loss"], 4), "final_loss": round(harness.median(rs, "final_loss"), 4),
@@ -225,7 +230,7 @@ def summarize(runs: dict[str, list[dict]], peak: dict) -> list[dict]:
     return rows
 
 
-COLUMNS = ["variant", "tokens_per_s", "speedup", "peak_rss_mib", "padding_share", "mfu_fp32", "mfu_bf16",
+COLUMNS = ["variant", "tokens_per_s", "speedup", "peak_rss_mib", "computed_share", "mfu_fp32", "mfu_bf16",
            "first_loss", "final_loss", "precision", "checkpointing", "padding_free"]
 
 

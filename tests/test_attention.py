@@ -16,12 +16,31 @@ def layout(positions, heads=2, dim=4):
 
 
 def test_layout_of_a_packed_row():
-    dest, n, width = layout([0, 1, 2, 0, 1, 0, 1, 2, 3])
+    dest, source, n, width = layout([0, 1, 2, 0, 1, 0, 1, 2, 3])
     assert (n, width) == (3, 4)
     assert dest.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    pad = 9
+    assert source.tolist() == [0, 1, 2, pad, 3, 4, pad, pad, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("positions", [[0, 1, 2, 3], [3, 4, 5], [0, 1, 3, 0, 1], [0, 2, 0, 1]])
+def test_layout_of_examples_that_continue_the_first_ones_prefix():
+    # the first example holds positions 0-3; the next two continue its first 2 and 3 tokens
+    dest, source, n, width = layout([0, 1, 2, 3, 2, 3, 3, 4])
+    assert (n, width) == (3, 5)
+    assert dest.tolist() == [0, 1, 2, 3, 7, 8, 13, 14]
+    pad = 8
+    assert source.tolist() == [0, 1, 2, 3, pad, 0, 1, 4, 5, pad, 0, 1, 2, 6, 7]
+
+
+def test_each_continuation_continues_the_nearest_example_that_starts_at_zero():
+    # two contexts, each with a second continuation: [0 1 2 | 2] and [0 1 | 1 | 1]
+    dest, source, n, width = layout([0, 1, 2, 2, 0, 1, 1, 1])
+    assert (n, width) == (5, 3)
+    pad = 8
+    assert source.tolist() == [0, 1, 2, 0, 1, 3, 4, 5, pad, 4, 6, pad, 4, 7, pad]
+
+
+@pytest.mark.parametrize("positions", [[0, 1, 2, 3], [3, 4, 5], [0, 1, 3, 0, 1], [0, 2, 0, 1], [0, 1, 3, 4]])
 def test_rows_that_are_not_packed_examples_keep_the_usual_path(positions):
     assert layout(positions) is None
 

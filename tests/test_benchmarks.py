@@ -47,7 +47,8 @@ def test_sft_rows_compare_baseline_and_ours(bench_ws, monkeypatch, tmp_path):
     assert base["speedup"] == 1.0 and ours["speedup"] > 0
     assert base["checkpointing"] and not ours["checkpointing"]
     assert ours["padding_free"] and not base["padding_free"]
-    assert ours["padding_share"] == 0.0 and base["padding_share"] > 0
+    # the baseline computes padding too; ours sends the system prompt once per batch
+    assert ours["computed_share"] < 1 < base["computed_share"]
     assert len(res["losses"]["ours"]) == len(res["losses"]["baseline"]) == 2
     # B of LoRA starts at zero: the first step's loss is the base model's, padded or packed
     assert res["step1_loss_diff"] < 1e-3

@@ -8,6 +8,11 @@ implementation lays the examples out as rows of a padded batch, runs one causal
 SDPA call on it (right padding needs no mask under a causal mask), and packs the
 result back: the same numbers, a fraction of the attention work.
 
+An example may also start at position p > 0: it then continues the first p tokens
+of the nearest example before it that starts at 0 (a prefix they share, sent once:
+tunepipe.shared_prefix), and its row of the layout begins with them, so it attends to them as if it held
+its own copy; their gradients add up from every example, as the copies' would.
+
     from tunepipe.attention import use_packed_sdpa
     use_packed_sdpa(model)     # before training; a no-op unless the model runs on "sdpa"
 
@@ -45,31 +50,51 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     layout = packed_layout(kwargs.get("position_ids"), query, key)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    dest, n, width = layout
-    rows = [_to_rows(t, dest, n, width) for t in (query, key, value)]
+    dest, source, n, width = layout
+    rows = [_to_rows(t, source, n, width) for t in (query, key, value)]
     out, _ = sdpa_attention_forward(module, *rows, None, **kwargs)  # [n, width, heads, dim]
     return out.reshape(n * width, *out.shape[2:]).index_select(0, dest)[None], None
 
 
 def packed_layout(position_ids, query, key):
-    """(slot of each token in an [n x width] padded layout, n, width) when the single row packs
-    several examples whose positions each count 0, 1, 2, ...; else None."""
+    """How a single row packing several examples maps onto an [n x width] right-padded layout, or None
+    when the row is not such a packing.
+
+    Each example's positions count up by one, from 0; or from some p > 0 when it continues the
+    first p tokens of the nearest example before it that starts at 0, a prefix the two share
+    (tunepipe.shared_prefix sends it once). Returns (dest, source, n, width): ``dest``, the slot of
+    each token; ``source``, the token that fills each slot (a shared prefix fills the first slots
+    of every row that continues it; ``len(pos)`` pads).
+    """
+    import torch
+
     if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
     pos = position_ids[0]
-    starts = pos == 0
-    # each example starts at 0 and counts up by one; anything else keeps transformers' mask
-    if not bool(starts[0]) or not bool(((pos[1:] != pos[:-1] + 1) == starts[1:]).all()):
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    first = starts.nonzero().flatten()  # where each example begins in the row
+    shared = pos[first]                 # how many tokens of its owner's beginning each one continues
+    n = len(first)
+    owner = torch.where(shared == 0, torch.arange(n), 0).cummax(0).values
+    length = torch.diff(first, append=first.new_tensor([len(pos)]))
+    if n == 1 or int(shared[0]) != 0 or bool((shared > length[owner]).any()):
         return None
-    example = starts.cumsum(0) - 1
-    n, width = int(example[-1]) + 1, int(pos.max()) + 1
-    if n == 1:
-        return None
-    return example * width + pos, n, width
+    width = int(pos.max()) + 1
+    dest = (starts.cumsum(0) - 1) * width + pos
+    source = torch.full((n * width,), len(pos), dtype=torch.long)
+    source[dest] = torch.arange(len(pos))
+    if int(shared.max()) > 0:
+        row = torch.repeat_interleave(torch.arange(n), shared)
+        column = torch.cat([torch.arange(int(p)) for p in shared])
+        source[row * width + column] = first[owner][row] + column  # the owner's tokens open the row
+    return dest, source, n, width
 
 
-def _to_rows(x, dest, n: int, width: int):
-    """[1, heads, tokens, dim] -> [n, heads, width, dim], each example in its own row, right-padded."""
+def _to_rows(x, source, n: int, width: int):
+    """[1, heads, tokens, dim] -> [n, heads, width, dim]: slot i holds token source[i] (zeros past the end)."""
+    import torch
+
     flat = x[0].transpose(0, 1)
-    rows = flat.new_zeros(n * width, *flat.shape[1:]).index_copy(0, dest, flat)
-    return rows.view(n, width, *flat.shape[1:]).transpose(1, 2)
+    flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+    return flat.index_select(0, source).view(n, width, *flat.shape[1:]).transpose(1, 2)
