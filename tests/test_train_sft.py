@@ -206,9 +206,11 @@ def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer
     trainer = build_trainer(model, load_tokenizer(tiny_model_dir), {"train": Dataset.from_list(rows)}, cfg, seed=0,
                             precision="fp32", padding_free=True, peft_config=None,
                             run=TrainingRun(tmp_path / "live", None), output_dir=tmp_path / "ckpt")
-    collate = trainer.data_collator
-    packed = collate([first, second])
+    collate = trainer.data_collator.collator  # TRL's padding-free collator, under tunepipe.shared_prefix's
+    packed, shared = collate([first, second]), trainer.data_collator([first, second])
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    sent_once = packed["input_ids"].shape[1] - shared["input_ids"].shape[1]
+    assert sent_once > 10  # the system prompt
 
     def logits(batch, **kw):
         # compute_loss adds use_cache=False to the batch it is given
@@ -216,20 +218,22 @@ def test_padding_free_keeps_packed_examples_apart(tiny_model_dir, smol_tokenizer
 
     assert model.config._attn_implementation == "sdpa_packed"  # build_trainer switched it
     with torch.no_grad():
-        together, alone = logits(packed), logits(collate([second]))
+        together, alone, together_shared = logits(packed), logits(collate([second])), logits(shared)
         losses = [trainer.compute_loss(model, collate([row])).item() for row in (first, second)]
-        packed_loss = trainer.compute_loss(model, packed).item()
+        packed_loss, shared_loss = (trainer.compute_loss(model, b).item() for b in (packed, shared))
         # transformers' own sdpa path (a block-diagonal mask) gives the same numbers, but only
         # without a KV cache: with one it builds no block mask and the examples leak
         model.set_attn_implementation("sdpa")
         masked, leaky = logits(packed, use_cache=False), logits(packed, use_cache=True)
     n = len(first["input_ids"])
     assert torch.allclose(together[n:], alone, atol=1e-5)
+    assert torch.allclose(together_shared[:n], together[:n], atol=1e-5)
+    assert torch.allclose(together_shared[n:], alone[sent_once:], atol=1e-5)
     assert torch.allclose(together, masked, atol=1e-5)
     assert not torch.allclose(leaky[n:], alone, atol=1e-3)
     counts = [sum(label != -100 for label in row["labels"][1:]) for row in (first, second)]
     expected = (losses[0] * counts[0] + losses[1] * counts[1]) / sum(counts)  # token-weighted mean
-    assert packed_loss == pytest.approx(expected, rel=1e-5)
+    assert packed_loss == pytest.approx(expected, rel=1e-5) and shared_loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_qlora_trains_on_cpu(workdir, smol_tokenizer_dir):
