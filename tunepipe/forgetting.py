@@ -196,14 +196,21 @@ def resolve_dtype(dtype: str, model_dir=None) -> str:
 
 
 def wrap_model(model, tokenizer, *, batch_size: int, max_length: Optional[int] = None) -> "LM":
-    """lm-eval's HFLM around an already-loaded causal LM (no second load, no Hub access)."""
+    """lm-eval's HFLM around an already-loaded causal LM (no second load, no Hub access); on an SDPA
+    model, one that computes each multiple-choice context once (tunepipe.continuations)."""
     from lm_eval.models.huggingface import HFLM
+
+    from tunepipe.attention import PACKED_SDPA, use_packed_sdpa
+    from tunepipe.continuations import shared_context_hflm
+
+    use_packed_sdpa(model)
+    lm_class = shared_context_hflm() if model.config._attn_implementation == PACKED_SDPA else HFLM
 
     lm_logger = logging.getLogger("lm_eval.models.huggingface")
     level = lm_logger.level
     lm_logger.setLevel(logging.ERROR)  # it warns that a loaded model ignores its loading arguments
     try:
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     finally:
         lm_logger.setLevel(level)
 
