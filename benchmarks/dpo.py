@@ -11,14 +11,15 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
     baseline   DPOConfig defaults (gradient checkpointing on, reference log-probs computed every step
                by a forward with the adapter switched off), fp32 (TRL's bf16 default forced off)
     ours       tunepipe.preference.build_dpo_trainer with params.train_dpo (LM head only at completion
-               positions, no checkpointing, params' precision; the default
+               positions, each shared prefix computed once (tunepipe.shared_prefix: a prompt for
+               both answers, the system prompt for the batch), no checkpointing, params' precision; the default
                params compute the reference each step too, as the default run trains on fewer
                pairs than the data set holds and precomputing all of them would cost more)
     ours+precompute  ours with reference log-probs precomputed once (--levers)
     ours+bf16 (bf16 autocast; with tunepipe.training.keep_lora_deltas_in_fp32 it learns as fp32 does,
                      see benchmarks.dpo_precision), ours+checkpointing, ours-all_positions (TRL's
-                     LM head over every position, prompt included, as TRL does off Triton devices):
-                     one lever changed each (--levers)
+                     LM head over every position, prompt included, as TRL does off Triton devices),
+                     ours-unshared_prefix (the padded batch as it comes): one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -36,9 +37,10 @@ from benchmarks import harness
 
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
             "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
-            "ours-all_positions": {}}
+            "ours-all_positions": {}, "ours-unshared_prefix": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
-SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions")}
+SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions"),
+                "ours-unshared_prefix": ("tunepipe.shared_prefix", "share_prefixes_in_backbone")}
 
 
 def train_once(spec: dict) -> dict:
@@ -108,16 +110,18 @@ def plain_trainer(model, tokenizer, train, cfg, seed, peft_config, output_dir):
     return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
 
 
-def main(steps: int = 3, repeats: int = 2, levers: bool = False, ws: Path | None = None,
+def main(steps: int = 3, repeats: int = 2, levers: bool | list[str] = False, ws: Path | None = None,
          concurrent: bool = False, overrides: dict | None = None) -> dict:
     ws = harness.workspace(ws)
-    variants = ["baseline", "ours"] + (LEVERS if levers else [])
+    chosen = LEVERS if levers is True else list(levers or [])
+    variants = ["baseline", "ours"] + chosen
     spec = {"workspace": str(ws), "steps": steps, "overrides": overrides or {}}
     schedule = harness.concurrent if concurrent else harness.interleaved
     runs = schedule(variants, repeats,
                                lambda v: harness.run_worker("benchmarks.dpo", dict(spec, variant=v)))
     return summarize(runs, f"python -m benchmarks.dpo --steps {steps} --repeats {repeats}"
-                     + (" --levers" if levers else "") + (" --concurrent" if concurrent else ""), ws, steps, repeats)
+                     + (" --levers" if levers is True else f" --lever {' --lever '.join(chosen)}" if chosen else "")
+                     + (" --concurrent" if concurrent else ""), ws, steps, repeats)
 
 
 def summarize(runs: dict[str, list[dict]], command: str, ws: Path, steps: int, repeats: int) -> dict:
@@ -153,9 +157,10 @@ if __name__ == "__main__":
         p.add_argument("--steps", type=int, default=3)
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--levers", action="store_true", help="also run one variant per lever")
+        p.add_argument("--lever", action="append", choices=LEVERS, help="also run this lever's variant (repeatable)")
         p.add_argument("--concurrent", action="store_true",
                        help="run the variants at the same time (a machine shared with other jobs)")
         a = p.parse_args()
-        res = main(a.steps, a.repeats, a.levers, concurrent=a.concurrent)
+        res = main(a.steps, a.repeats, True if a.levers else (a.lever or []), concurrent=a.concurrent)
         harness.save_results("dpo", res)
         print(report(res))

@@ -23,16 +23,17 @@ def test_layout_of_a_packed_row():
     assert source.tolist() == [0, 1, 2, pad, 3, 4, pad, pad, 5, 6, 7, 8]
 
 
-def test_layout_of_examples_that_continue_the_first_ones_prefix():
-    # the first example holds positions 0-3; the next two continue its first 2 and 3 tokens
+def test_layout_of_examples_that_continue_the_one_before():
+    # the first example holds positions 0-3; the second continues its first 2 positions, the third
+    # the second's first 3 (two of them the first example's)
     dest, source, n, width = layout([0, 1, 2, 3, 2, 3, 3, 4])
     assert (n, width) == (3, 5)
     assert dest.tolist() == [0, 1, 2, 3, 7, 8, 13, 14]
     pad = 8
-    assert source.tolist() == [0, 1, 2, 3, pad, 0, 1, 4, 5, pad, 0, 1, 2, 6, 7]
+    assert source.tolist() == [0, 1, 2, 3, pad, 0, 1, 4, 5, pad, 0, 1, 4, 6, 7]
 
 
-def test_each_continuation_continues_the_nearest_example_that_starts_at_zero():
+def test_continuations_of_a_context_skip_back_to_it():
     # two contexts, each with a second continuation: [0 1 2 | 2] and [0 1 | 1 | 1]
     dest, source, n, width = layout([0, 1, 2, 2, 0, 1, 1, 1])
     assert (n, width) == (5, 3)

@@ -75,3 +75,87 @@ def test_loss_and_gradients_equal_the_unshared_batch(tiny_model_dir):
     shared_loss, shared_grads = run(shared)
     assert torch.allclose(shared_loss, loss, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(shared_grads, grads))
+
+
+# --------------------------------------------------------------------------- padded batches (DPO)
+
+# DPO's batch: chosen answers, then rejected ones, each after its prompt; all open with a system prompt
+PAIRS = [(SYSTEM + [20, 21], [30, 31], [40]), (SYSTEM + [22], [32], [41, 42, 43]), (SYSTEM + [20, 21], [33], [44])]
+
+
+def padded(sequences):
+    import torch
+
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return ids, mask
+
+
+def dpo_batch():
+    return padded([p + c for p, c, _ in PAIRS] + [p + r for p, _, r in PAIRS])
+
+
+def test_a_padded_batch_packs_each_shared_prefix_once():
+    from tunepipe.shared_prefix import pack_padded
+
+    ids, mask = dpo_batch()
+    row, positions, gather = pack_padded(ids, mask)
+    # 6 sequences of 43 tokens in all; sorted, each shares with its neighbour: 16 distinct tokens
+    assert int(mask.sum()) == 43 and row.shape[1] == 16
+    flat = row[0].tolist() + [0]
+    rebuilt = [flat[i] for i in gather.tolist()]
+    assert rebuilt == ids.flatten().tolist()  # every sequence reads back its own tokens (padding 0)
+    assert [positions[0, i].item() for i in range(row.shape[1])][:6] == [0, 1, 2, 3, 4, 5]
+
+
+def test_left_padding_and_single_sequences_are_not_packed():
+    import torch
+
+    from tunepipe.shared_prefix import pack_padded
+
+    ids, mask = dpo_batch()
+    assert pack_padded(ids, mask.flip(1)) is None
+    assert pack_padded(ids[:1], mask[:1]) is None
+    assert pack_padded(ids, None) is None
+    assert pack_padded(torch.tensor([[5, 6], [5, 7]]), torch.ones(2, 2, dtype=torch.long)) is not None
+
+
+def test_the_body_packs_a_padded_batch_with_the_same_log_probs_and_gradients(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunepipe.attention import use_packed_sdpa
+    from tunepipe.shared_prefix import share_prefixes_in_backbone
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
+        add_fused_lm_head(model)  # as DPOTrainer does
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        return model
+
+    ids, mask = dpo_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        out.log_probs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return out.log_probs.detach(), grads
+
+    expected, expected_grads = run(lora_model())
+    model = lora_model()
+    assert use_packed_sdpa(model.get_base_model()) and share_prefixes_in_backbone(model)
+    assert not share_prefixes_in_backbone(model)  # once is enough
+    calls = []
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    got, grads = run(model)
+    assert calls[0][:2] == (1, 16)  # the body ran one packed row
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads))
+    with model.disable_adapter():  # DPO's reference pass: the same body, adapter off
+        model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    assert calls[-1][:2] == (1, 16)

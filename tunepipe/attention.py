@@ -8,9 +8,9 @@ implementation lays the examples out as rows of a padded batch, runs one causal
 SDPA call on it (right padding needs no mask under a causal mask), and packs the
 result back: the same numbers, a fraction of the attention work.
 
-An example may also start at position p > 0: it then continues the first p tokens
-of the nearest example before it that starts at 0 (a prefix they share, sent once:
-tunepipe.shared_prefix), and its row of the layout begins with them, so it attends to them as if it held
+An example may also start at position p > 0: it then continues the first p positions
+of the example before it (a prefix they share, sent once: tunepipe.shared_prefix),
+and its row of the layout begins with them, so it attends to them as if it held
 its own copy; their gradients add up from every example, as the copies' would.
 
     from tunepipe.attention import use_packed_sdpa
@@ -61,10 +61,11 @@ def packed_layout(position_ids, query, key):
     when the row is not such a packing.
 
     Each example's positions count up by one, from 0; or from some p > 0 when it continues the
-    first p tokens of the nearest example before it that starts at 0, a prefix the two share
-    (tunepipe.shared_prefix sends it once). Returns (dest, source, n, width): ``dest``, the slot of
-    each token; ``source``, the token that fills each slot (a shared prefix fills the first slots
-    of every row that continues it; ``len(pos)`` pads).
+    first p positions of the example before it (a prefix they share, sent once:
+    tunepipe.shared_prefix). Those come from the nearest earlier example that starts below p,
+    and from its own predecessors below its start: examples sorted by their tokens send a shared
+    prefix of any depth once. Returns (dest, source, n, width): ``dest``, the slot of each token;
+    ``source``, the token that fills each slot (``len(pos)`` pads).
     """
     import torch
 
@@ -73,22 +74,26 @@ def packed_layout(position_ids, query, key):
     pos = position_ids[0]
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[1:] = pos[1:] != pos[:-1] + 1
-    first = starts.nonzero().flatten()  # where each example begins in the row
-    shared = pos[first]                 # how many tokens of its owner's beginning each one continues
-    n = len(first)
-    owner = torch.where(shared == 0, torch.arange(n), 0).cummax(0).values
-    length = torch.diff(first, append=first.new_tensor([len(pos)]))
-    if n == 1 or int(shared[0]) != 0 or bool((shared > length[owner]).any()):
+    first = starts.nonzero().flatten().tolist()  # where each example begins in the row
+    shared = pos[first].tolist()                # how many positions it continues
+    if len(first) == 1 or shared[0] != 0:
         return None
     width = int(pos.max()) + 1
+    ends = first[1:] + [len(pos)]
+    chains: list[list[int]] = []  # each example's tokens at positions 0, 1, ...: what its row holds
+    stack: list[int] = []         # earlier examples whose start is below every later one's so far
+    for k, (a, b) in enumerate(zip(first, ends)):
+        while stack and shared[stack[-1]] >= shared[k]:
+            stack.pop()
+        if shared[k] and (not stack or len(chains[stack[-1]]) < shared[k]):
+            return None  # continues positions no earlier example holds
+        chains.append((chains[stack[-1]][:shared[k]] if shared[k] else []) + list(range(a, b)))
+        stack.append(k)
+    source = torch.full((len(first), width), len(pos), dtype=torch.long)
+    for k, chain in enumerate(chains):
+        source[k, :len(chain)] = torch.tensor(chain)
     dest = (starts.cumsum(0) - 1) * width + pos
-    source = torch.full((n * width,), len(pos), dtype=torch.long)
-    source[dest] = torch.arange(len(pos))
-    if int(shared.max()) > 0:
-        row = torch.repeat_interleave(torch.arange(n), shared)
-        column = torch.cat([torch.arange(int(p)) for p in shared])
-        source[row * width + column] = first[owner][row] + column  # the owner's tokens open the row
-    return dest, source, n, width
+    return dest, source.flatten(), len(first), width
 
 
 def _to_rows(x, source, n: int, width: int):

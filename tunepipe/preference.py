@@ -139,11 +139,18 @@ def build_dpo_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int
                       run: TrainingRun, output_dir: Path):
     from trl import DPOConfig, DPOTrainer
 
+    from tunepipe.attention import use_packed_sdpa
+    from tunepipe.shared_prefix import share_prefixes_in_backbone
+
+    packed_sdpa = use_packed_sdpa(model)
     args = DPOConfig(**_against_reference(cfg, data, output_dir=output_dir, seed=seed, precision=precision),
                      loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing)
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data["train"],
-                      eval_dataset=data.get("validation"), processing_class=tokenizer, peft_config=peft_config,
-                      callbacks=run.callbacks())
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data["train"],
+                         eval_dataset=data.get("validation"), processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=run.callbacks())
+    if packed_sdpa:  # each prompt once for both its answers, the system prompt once per batch
+        share_prefixes_in_backbone(trainer.model)
+    return trainer
 
 
 def build_kto_trainer(model, ref_model, tokenizer, data: dict, cfg, *, seed: int, precision: str, peft_config,

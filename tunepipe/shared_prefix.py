@@ -1,4 +1,4 @@
-"""Send the tokens that every example of a padding-free batch begins with only once.
+"""Compute the tokens that several examples of a batch begin with only once.
 
 In the default data every prompt opens with the same system prompt, about a third
 of each example's tokens: a batch of 8 computed it 8 times, forward and backward.
@@ -15,6 +15,9 @@ example's first label, which must predict that label from its own example. So wi
 
     from tunepipe.shared_prefix import use_shared_prefix
     use_shared_prefix(trainer)   # a padding-free trainer whose model runs tunepipe.attention's packed SDPA
+
+A padded batch, such as DPO's (each prompt twice), is packed into such a row inside
+the model instead: ``share_prefixes_in_backbone`` (below).
 """
 
 from __future__ import annotations
@@ -72,3 +75,90 @@ def _shareable(ids, labels, first) -> int:
     # the token before the first label predicts it in this example's own row; keep at least one token
     before_label = int(labelled[0]) - 1 if len(labelled) else len(ids) - 1
     return max(0, min(common, before_label, len(ids) - 1))
+
+
+# --------------------------------------------------------------------------- padded batches (DPO)
+
+
+def share_prefixes_in_backbone(model) -> bool:
+    """Make the transformer body of ``model`` (under PEFT too) run a right-padded batch as one packed
+    row in which every prefix its sequences share is computed once; True when it did.
+
+    DPO's batch is each prompt twice (chosen, rejected), all opening with the same system
+    prompt, padded to the longest: in the default data a quarter of its tokens are distinct.
+    The sequences are packed sorted by their tokens, so that each shares with its neighbour,
+    and the body's output is gathered back into the padded shape (zeros at padding), so the LM
+    head, the losses and the reference pass see what they saw before. Other calls (a KV cache,
+    left padding in generation, position ids given) run the body as it was.
+    """
+    import functools
+
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = inner.base_model
+    if body is inner or hasattr(body.forward, "plain"):
+        return False
+    original = body.forward
+
+    @functools.wraps(original)
+    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                **kwargs):
+        plan = None
+        if (use_cache is False and past_key_values is None and position_ids is None and input_ids is not None
+                and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions")):
+            plan = pack_padded(input_ids, attention_mask)
+        if plan is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        row_ids, row_positions, gather = plan
+        out = original(input_ids=row_ids, position_ids=row_positions, use_cache=False, **kwargs)
+        hidden = out.last_hidden_state[0]
+        hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])]).index_select(0, gather)
+        out.last_hidden_state = hidden.view(*input_ids.shape, hidden.shape[-1])
+        return out
+
+    forward.plain = original
+    body.forward = forward
+    return True
+
+
+def pack_padded(input_ids, attention_mask):
+    """(row ids [1, N], row positions [1, N], for each padded slot the row token it reads, N for
+    padding) for a right-padded batch of several sequences; None for any other batch."""
+    import torch
+
+    if attention_mask is None or attention_mask.dim() != 2 or len(input_ids) < 2:
+        return None
+    lengths = attention_mask.sum(1)
+    width = input_ids.shape[1]
+    if not bool((attention_mask.bool() == (torch.arange(width, device=lengths.device)[None] < lengths[:, None])).all()):
+        return None  # not right padding
+    seqs = [row[:n].tolist() for row, n in zip(input_ids, lengths.tolist())]
+    ids: list[int] = []
+    positions: list[int] = []
+    chains: dict[int, list[int]] = {}  # each sequence's tokens as row indices
+    previous = None
+    for b in sorted(range(len(seqs)), key=lambda b: seqs[b]):  # neighbours share the longest prefixes
+        x = seqs[b]
+        shared = 0 if previous is None else min(_common(x, seqs[previous]), len(x) - 1)
+        chains[b] = (chains[previous][:shared] if shared else []) + list(range(len(ids), len(ids) + len(x) - shared))
+        ids += x[shared:]
+        positions += range(shared, len(x))
+        previous = b
+    gather = torch.full((len(seqs), width), len(ids), dtype=torch.long)
+    for b, chain in chains.items():
+        gather[b, :len(chain)] = torch.tensor(chain)
+    device = input_ids.device
+    return (torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+            gather.flatten().to(device))
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
