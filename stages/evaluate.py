@@ -72,6 +72,7 @@ def read_test(kind: str, max_examples: int | None) -> list[dict]:
 
 def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
     """The model called ``name`` (tunepipe.modeling.NAMED_MODELS), and every id that ends its answers."""
+    from tunepipe.attention import use_packed_sdpa
     from tunepipe.generation import eos_ids
     from tunepipe.modeling import check_named_model, load_named_model
     from tunepipe.tokenization import generation_eos_ids
@@ -79,6 +80,7 @@ def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
     check_named_model(name, "evaluate.models")
     model = load_named_model(name, tokenizer, trust_remote_code=trust_remote_code).eval()
     model.to(_device())
+    use_packed_sdpa(model)  # scoring packs prompts and answers in rows (generation runs SDPA as before)
     # load_named_model sets the tokenizer's EOS as the generation EOS; keep any other stop id the
     # model folder declares (Llama 3 stops on several; the GGUF holds its own in its metadata).
     stops = set(eos_ids(model, tokenizer)) | generation_eos_ids(NAMED_MODELS[name][0])

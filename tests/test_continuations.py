@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 # (context, continuation) token ids: contexts shared by 4, 3 and 1 continuations, one-token
-# continuations among them (their only predictor is the context's last token)
+# continuations among them (their only predictor is the context's last token), and contexts that
+# begin like others (as chat prompts share a system prompt)
 REQUESTS = [([5, 17, 29, 41], [50, 51]), ([5, 17, 29, 41], [52]), ([5, 17, 29, 41], [53, 54, 55]),
             ([5, 17, 29, 41], [56, 57]), ([9, 8], [60, 61, 62]), ([9, 8], [63]), ([9, 8], [64, 65]),
-            ([7, 6, 5, 4, 3, 2], [70])]
+            ([7, 6, 5, 4, 3, 2], [70]), ([5, 17], [29, 41]), ([5, 17, 29, 99], [71, 72]), ([5, 17, 30], [73])]
 
 
 def lms(tiny_model_dir):

@@ -237,6 +237,23 @@ def test_pairs_share_the_prompt_and_match_a_direct_computation(tiny_model_dir, s
             assert n == length and logp == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("batch_size", [1, 6])
+def test_packed_pairs_under_a_shared_system_prompt_match_a_direct_computation(tiny_model_dir, smol_tokenizer,
+                                                                               batch_size):
+    from transformers import AutoModelForCausalLM
+
+    from tunepipe.attention import use_packed_sdpa
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    assert use_packed_sdpa(model)  # as evaluate loads it: pairs are packed in rows
+    prompts = [f"System: be brief and kind.\nUser: {p}" for p in PAIR_PROMPTS]
+    got = metrics.completion_set_logprobs(model, smol_tokenizer, prompts, PAIRS, batch_size=batch_size)
+    for prompt, pair, scores in zip(prompts, PAIRS, got):
+        for completion, (logp, n) in zip(pair, scores):
+            expected, length = direct_logprob(model, smol_tokenizer, prompt, completion)
+            assert n == length and logp == pytest.approx(expected, abs=1e-4)
+
+
 def test_pairs_without_a_kv_cache_are_scored_one_by_one(smol_tokenizer):
     tok = smol_tokenizer
     model = FixedLM(favouring(tok, tok("red", add_special_tokens=False).input_ids))

@@ -1,5 +1,8 @@
 """Log-likelihoods of continuations that share a context, each context computed once.
 
+Used by the forgetting guard (through lm-eval) and by evaluate (preference pairs,
+reference answers).
+
 lm-eval scores a multiple-choice item as one (context, choice) sequence per choice:
 ARC-Easy's question runs through the model four times, and its log-softmax covers
 every position of the padded batch (lm-eval's own TODO asks for this). Here each
@@ -36,7 +39,7 @@ def shared_context_hflm():
             too_long = any(len(ctx) + len(cont) > self.max_length + 1 for _, ctx, cont in requests)
             if self.backend != "causal" or too_long or not isinstance(self.batch_size, int):
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            out = score(self.model, [(ctx, cont) for _, ctx, cont in requests],
+            out = score(self.model, [(ctx, cont) for _, ctx, cont in requests], desc="forgetting: score",
                         tokens_per_row=self.batch_size * TOKENS_PER_BATCH_ITEM, show_progress=not disable_tqdm)
             for (request, _, _), answer in zip(requests, out):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -46,43 +49,52 @@ def shared_context_hflm():
 
 
 def score(model, requests: Sequence[tuple[list[int], list[int]]], *, tokens_per_row: int,
-          show_progress: bool = False) -> list[tuple[float, bool]]:
+          show_progress: bool = False, desc: str = "score") -> list[tuple[float, bool]]:
     """(sum of log-probs of ``cont`` given ``ctx``, whether greedy decoding gives ``cont``) for each
-    (ctx, cont) request, in order. The model must run tunepipe.attention's packed SDPA."""
+    (ctx, cont) request, in order. The model must run tunepipe.attention's packed SDPA.
+
+    Contexts are packed sorted, each continuing what it shares with the one before it in its row
+    (a chat template's system prompt: once per row)."""
     from tqdm.auto import tqdm
+
+    from tunepipe.shared_prefix import common_prefix_length
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (ctx, _) in enumerate(requests):
         groups[tuple(ctx)].append(i)
-    rows, row, size = [], [], 0
-    for ctx, members in groups.items():
-        tokens = len(ctx) + sum(len(requests[i][1]) - 1 for i in members)
+    rows, row, size, previous = [], [], 0, ()
+    for ctx in sorted(groups):
+        members = groups[ctx]
+        shared = min(common_prefix_length(ctx, previous), len(ctx) - 1) if row else 0
+        tokens = len(ctx) - shared + sum(len(requests[i][1]) - 1 for i in members)
         if row and size + tokens > tokens_per_row:
             rows.append(row)
-            row, size = [], 0
-        row.append((list(ctx), members))
+            row, size, shared = [], 0, 0
+            tokens = len(ctx) + sum(len(requests[i][1]) - 1 for i in members)
+        row.append((list(ctx), shared, members))
         size += tokens
+        previous = ctx
     rows += [row] if row else []
     out: list = [None] * len(requests)
-    for row in tqdm(rows, desc="forgetting: score", unit="row", disable=not show_progress):
+    for row in tqdm(rows, desc=desc, unit="row", disable=not show_progress):
         for i, answer in _score_row(model, row, requests):
             out[i] = answer
     return out
 
 
 def _score_row(model, row, requests):
-    """One packed row: each context, then each of its continuations (all but the last token)
-    at the positions that continue the context."""
+    """One packed row: each context (from where it stops sharing the one before), then each of
+    its continuations (all but the last token) at the positions that continue the context."""
     import torch
 
     ids, pos, predictors = [], [], {}  # predictors[i]: the row positions whose logits predict cont i
-    for ctx, members in row:
-        start = len(ids)
-        ids += ctx
-        pos += range(len(ctx))
+    for ctx, shared, members in row:
+        ids += ctx[shared:]
+        pos += range(shared, len(ctx))
+        last = len(ids) - 1  # the context's last token: it predicts every continuation's first
         for i in members:
             body = requests[i][1][:-1]
-            predictors[i] = [start + len(ctx) - 1] + list(range(len(ids), len(ids) + len(body)))
+            predictors[i] = [last] + list(range(len(ids), len(ids) + len(body)))
             ids += body
             pos += range(len(ctx), len(ctx) + len(body))
     kept = sorted({p for ps in predictors.values() for p in ps})

@@ -235,8 +235,11 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
                             batch_size: int = 8, append_eos: bool = True,
                             desc: str = "score") -> list[list[tuple[float, int]]]:
     """``completion_logprobs`` for k completions of each prompt (a chosen and a rejected
-    answer: k=2). Each prompt runs through the model once and its KV cache serves all
-    k completions, which nearly halves the work on preference pairs (prompts are most of it)."""
+    answer: k=2). Each prompt runs through the model once for all k completions, which
+    nearly halves the work on preference pairs (prompts are most of it): packed in rows with
+    the completions after it (tunepipe.continuations, where the model runs tunepipe.attention's
+    packed SDPA: a system prompt too is computed once per row), else through its KV cache."""
+    from tunepipe.attention import PACKED_SDPA
     from tunepipe.generation import encode_prompts, inference_batches, pad_id_for
     from tunepipe.tokenization import encode_answers
 
@@ -246,6 +249,9 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
     prompt_ids = encode_prompts(tokenizer, prompts)
     eos = [tokenizer.eos_token_id] if append_eos else []
     rows = [(p, [c + eos for c in encode_answers(tokenizer, list(cs))]) for p, cs in zip(prompt_ids, completion_sets)]
+    if (getattr(getattr(model, "config", None), "_attn_implementation", None) == PACKED_SDPA
+            and all(p and all(cs) for p, cs in rows)):  # every prompt and completion has a token
+        return _score_packed(model, rows, batch_size, desc)
     score = _score_shared_batch if _accepts(model, "past_key_values") else _score_separately
     pad_id, device = pad_id_for(model, tokenizer), next(model.parameters()).device
     out: list[Optional[list]] = [None] * len(rows)
@@ -254,6 +260,16 @@ def completion_set_logprobs(model, tokenizer, prompts: Sequence[str], completion
         for i, scores in zip(batch, score(model, [rows[i] for i in batch], pad_id, device)):
             out[i] = scores
     return out
+
+
+def _score_packed(model, rows, batch_size: int, desc: str) -> list[list[tuple[float, int]]]:
+    from tunepipe.continuations import TOKENS_PER_BATCH_ITEM, score
+
+    k = len(rows[0][1])
+    flat = score(model, [(p, c) for p, cs in rows for c in cs], tokens_per_row=batch_size * TOKENS_PER_BATCH_ITEM,
+                 show_progress=True, desc=desc)
+    counts = [len(c) for _, cs in rows for c in cs]
+    return [[(flat[i * k + j][0], counts[i * k + j]) for j in range(k)] for i in range(len(rows))]
 
 
 def _score_separately(model, rows, pad_id: int, device) -> list[list[tuple[float, int]]]:

@@ -22,6 +22,8 @@ the model instead: ``share_prefixes_in_backbone`` (below).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 # keys TRL's padding-free collator derives from the row's layout (for varlen kernels); sharing changes
 # the layout, and packed SDPA reads the position ids alone
 LAYOUT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -141,7 +143,7 @@ def pack_padded(input_ids, attention_mask):
     previous = None
     for b in sorted(range(len(seqs)), key=lambda b: seqs[b]):  # neighbours share the longest prefixes
         x = seqs[b]
-        shared = 0 if previous is None else min(_common(x, seqs[previous]), len(x) - 1)
+        shared = 0 if previous is None else min(common_prefix_length(x, seqs[previous]), len(x) - 1)
         chains[b] = (chains[previous][:shared] if shared else []) + list(range(len(ids), len(ids) + len(x) - shared))
         ids += x[shared:]
         positions += range(shared, len(x))
@@ -154,7 +156,7 @@ def pack_padded(input_ids, attention_mask):
             gather.flatten().to(device))
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
