@@ -87,7 +87,8 @@ def share_prefixes_in_backbone(model) -> bool:
     row in which every prefix its sequences share is computed once; True when it did.
 
     DPO's batch is each prompt twice (chosen, rejected), all opening with the same system
-    prompt, padded to the longest: in the default data a quarter of its tokens are distinct.
+    prompt, padded to the longest: in the default data (100 random batches of 4 pairs) the
+    packed row holds 31% of the padded batch's tokens, 44% of its non-padding ones.
     The sequences are packed sorted by their tokens, so that each shares with its neighbour,
     and the body's output is gathered back into the padded shape (zeros at padding), so the LM
     head, the losses and the reference pass see what they saw before. Other calls (a KV cache,
@@ -97,9 +98,12 @@ def share_prefixes_in_backbone(model) -> bool:
 
     import torch
 
+    from tunepipe.attention import PACKED_SDPA
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = inner.base_model
-    if body is inner or hasattr(body.forward, "plain"):
+    # only the packed SDPA reads a continuation's positions as "attend to the one before"
+    if body is inner or hasattr(body.forward, "plain") or inner.config._attn_implementation != PACKED_SDPA:
         return False
     original = body.forward
 
@@ -134,8 +138,9 @@ def pack_padded(input_ids, attention_mask):
         return None
     lengths = attention_mask.sum(1)
     width = input_ids.shape[1]
-    if not bool((attention_mask.bool() == (torch.arange(width, device=lengths.device)[None] < lengths[:, None])).all()):
-        return None  # not right padding
+    right_padded = attention_mask.bool() == (torch.arange(width, device=lengths.device)[None] < lengths[:, None])
+    if int(lengths.min()) == 0 or not bool(right_padded.all()):
+        return None
     seqs = [row[:n].tolist() for row, n in zip(input_ids, lengths.tolist())]
     ids: list[int] = []
     positions: list[int] = []
