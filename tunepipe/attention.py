@@ -67,11 +67,19 @@ def packed_layout(position_ids, query, key):
     prefix of any depth once. Returns (dest, source, n, width): ``dest``, the slot of each token;
     ``source``, the token that fills each slot (``len(pos)`` pads).
     """
-    import torch
-
     if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
-    pos = position_ids[0]
+    if _last_layout[0] is not position_ids:  # every layer of a forward passes the same tensor: lay it out once
+        _last_layout[:] = [position_ids, _layout(position_ids[0])]
+    return _last_layout[1]
+
+
+_last_layout: list = [None, None]  # (position ids, their layout)
+
+
+def _layout(pos):
+    import torch
+
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[1:] = pos[1:] != pos[:-1] + 1
     first = starts.nonzero().flatten().tolist()  # where each example begins in the row
