@@ -7,7 +7,9 @@ from __future__ import annotations
 # begin like others (as chat prompts share a system prompt)
 REQUESTS = [([5, 17, 29, 41], [50, 51]), ([5, 17, 29, 41], [52]), ([5, 17, 29, 41], [53, 54, 55]),
             ([5, 17, 29, 41], [56, 57]), ([9, 8], [60, 61, 62]), ([9, 8], [63]), ([9, 8], [64, 65]),
-            ([7, 6, 5, 4, 3, 2], [70]), ([5, 17], [29, 41]), ([5, 17, 29, 99], [71, 72]), ([5, 17, 30], [73])]
+            ([7, 6, 5, 4, 3, 2], [70]), ([5, 17], [29, 41]), ([5, 17, 29, 99], [71, 72]), ([5, 17, 30], [73]),
+            # one-token continuations only, then a context extending it: the row reads as one example
+            ([3, 4], [5]), ([3, 4], [6]), ([3, 4, 5, 6], [7, 8])]
 
 
 def lms(tiny_model_dir):

@@ -121,7 +121,19 @@ def test_left_padding_and_single_sequences_are_not_packed():
     assert pack_padded(torch.tensor([[5, 6], [5, 7]]), torch.ones(2, 2, dtype=torch.long)) is not None
 
 
-def test_the_body_packs_a_padded_batch_with_the_same_log_probs_and_gradients(tiny_model_dir):
+# a pair whose answers are the same, and one whose chosen answer is all of its rejected one's beginning
+# (the packed row then reads the two as one example)
+EDGE_PAIRS = [(SYSTEM + [20], [30], [30]), (SYSTEM + [21], [31], [31, 32]), (SYSTEM + [20], [33], [34])]
+
+
+def distinct_tokens(sequences) -> int:
+    """Tokens of the packed row: each distinct prefix once, plus one token per repeated sequence."""
+    prefixes = {tuple(s[:i]) for s in sequences for i in range(1, len(s) + 1)}
+    return len(prefixes) + len(sequences) - len({tuple(s) for s in sequences})
+
+
+@pytest.mark.parametrize("pairs", [PAIRS, EDGE_PAIRS], ids=["pairs", "edge_pairs"])
+def test_the_body_packs_a_padded_batch_with_the_same_log_probs_and_gradients(tiny_model_dir, pairs):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -137,8 +149,10 @@ def test_the_body_packs_a_padded_batch_with_the_same_log_probs_and_gradients(tin
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         return model
 
-    ids, mask = dpo_batch()
+    sequences = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    ids, mask = padded(sequences)
     labels = ids.masked_fill(mask == 0, -100)
+    row_tokens = distinct_tokens(sequences)
 
     def run(model):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
@@ -153,9 +167,9 @@ def test_the_body_packs_a_padded_batch_with_the_same_log_probs_and_gradients(tin
     calls = []
     model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, out: calls.append(out.shape))
     got, grads = run(model)
-    assert calls[0][:2] == (1, 16)  # the body ran one packed row
+    assert calls[0][:2] == (1, row_tokens)  # the body ran one packed row
     assert torch.allclose(got, expected, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads))
     with model.disable_adapter():  # DPO's reference pass: the same body, adapter off
         model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
-    assert calls[-1][:2] == (1, 16)
+    assert calls[-1][:2] == (1, row_tokens)

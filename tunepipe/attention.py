@@ -26,8 +26,12 @@ PACKED_SDPA = "sdpa_packed"
 
 
 def use_packed_sdpa(model) -> bool:
-    """Switch a model that uses SDPA to the packed-aware SDPA; True if it did."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Switch a model that uses SDPA to the packed-aware SDPA; True if it did. Not a model with a
+    sliding window (Mistral, Gemma's local layers): the packed path attends to the whole example."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
     register_packed_sdpa()
     model.set_attn_implementation(PACKED_SDPA)
@@ -65,16 +69,19 @@ def packed_layout(position_ids, query, key):
     tunepipe.shared_prefix). Those come from the nearest earlier example that starts below p,
     and from its own predecessors below its start: examples sorted by their tokens send a shared
     prefix of any depth once. Returns (dest, source, n, width): ``dest``, the slot of each token;
-    ``source``, the token that fills each slot (``len(pos)`` pads).
+    ``source``, the token that fills each slot (``len(pos)`` pads). A row whose example continues
+    positions no earlier example holds raises ValueError.
     """
     if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
-    if _last_layout[0] is not position_ids:  # every layer of a forward passes the same tensor: lay it out once
-        _last_layout[:] = [position_ids, _layout(position_ids[0])]
-    return _last_layout[1]
+    # the version changes if the tensor is written in place (inference tensors keep none)
+    key = (position_ids, None if position_ids.is_inference() else position_ids._version)
+    if _last_layout[0] is not key[0] or _last_layout[1] != key[1]:  # every layer gets the same tensor: once
+        _last_layout[:] = [*key, _layout(position_ids[0])]
+    return _last_layout[2]
 
 
-_last_layout: list = [None, None]  # (position ids, their layout)
+_last_layout: list = [None, None, None]  # (position ids, their version, their layout)
 
 
 def _layout(pos):
@@ -94,14 +101,16 @@ def _layout(pos):
         while stack and shared[stack[-1]] >= shared[k]:
             stack.pop()
         if shared[k] and (not stack or len(chains[stack[-1]]) < shared[k]):
-            return None  # continues positions no earlier example holds
+            # transformers' mask would cut this example off from its prefix: wrong numbers, silently
+            raise ValueError(f"packed row: an example starts at position {shared[k]}, beyond the example "
+                             "before it; it continues nothing")
         chains.append((chains[stack[-1]][:shared[k]] if shared[k] else []) + list(range(a, b)))
         stack.append(k)
     source = torch.full((len(first), width), len(pos), dtype=torch.long)
     for k, chain in enumerate(chains):
         source[k, :len(chain)] = torch.tensor(chain)
     dest = (starts.cumsum(0) - 1) * width + pos
-    return dest, source.flatten(), len(first), width
+    return dest, source.flatten().to(pos.device), len(first), width
 
 
 def _to_rows(x, source, n: int, width: int):

@@ -42,7 +42,8 @@ def shared_context_hflm():
             out = score(self.model, [(ctx, cont) for _, ctx, cont in requests], desc="forgetting: score",
                         tokens_per_row=self.batch_size * TOKENS_PER_BATCH_ITEM, show_progress=not disable_tqdm)
             for (request, _, _), answer in zip(requests, out):
-                self.cache_hook.add_partial("loglikelihood", request, answer)
+                if request is not None:  # rolling windows come without one
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
             return out
 
     return SharedContextHFLM

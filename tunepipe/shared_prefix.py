@@ -31,8 +31,27 @@ IGNORE = -100
 
 
 def use_shared_prefix(trainer) -> bool:
-    """Wrap the trainer's (padding-free) collator in :class:`SharedPrefixCollator`; True when it did."""
+    """Wrap the trainer's (padding-free) collator in :class:`SharedPrefixCollator`; True when it did.
+
+    The trainer's count of input tokens (the stage's ``trained_tokens``, ``tokens_per_second``)
+    goes on counting every example's tokens, the prefix sent once included, so it does not
+    depend on how the batch was split (across processes, say)."""
     trainer.data_collator = SharedPrefixCollator(trainer.data_collator)
+    count_row_tokens = trainer._track_num_input_tokens
+
+    def count_example_tokens(inputs):
+        import torch
+
+        count_row_tokens(inputs)
+        pos = inputs.get("position_ids")
+        if pos is None or trainer.args.include_num_input_tokens_seen == "no":
+            return
+        # an example that starts at position p left its first p tokens to the one before it
+        continues = pos[0, 1:] != pos[0, :-1] + 1
+        sent_once = torch.as_tensor(pos[0, 1:][continues].sum(), dtype=torch.int64, device=trainer.args.device)
+        trainer.state.num_input_tokens_seen += trainer.accelerator.gather(sent_once).sum().item()
+
+    trainer._track_num_input_tokens = count_example_tokens
     return True
 
 
