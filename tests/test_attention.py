@@ -89,3 +89,17 @@ def test_packed_attention_equals_the_block_diagonal_mask_forward_and_backward(ti
     assert torch.allclose(packed_logits, masked_logits, atol=1e-5)
     assert torch.allclose(packed_grad, masked_grad, atol=1e-5)
     assert not use_packed_sdpa(model)  # already switched: nothing to do
+
+
+def test_a_sliding_window_model_keeps_transformers_attention():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tunepipe.attention import use_packed_sdpa
+
+    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    config._attn_implementation = "sdpa"
+    model = MistralForCausalLM(config)
+    assert not use_packed_sdpa(model) and model.config._attn_implementation == "sdpa"
+    model.config.sliding_window = None  # a Mistral without a window packs like a Llama
+    assert use_packed_sdpa(model)
