@@ -2,6 +2,7 @@
 
     python -m benchmarks.long_answers [--steps 4] [--repeats 1] [--examples 32]   # sft and dpo vs plain TRL
     python -m benchmarks.long_answers --no-dpo --lever ours-bernoulli_dropout     # sft only, and one lever off
+    python -m benchmarks.long_answers --no-sft --dpo-lever ours-trl_log_probs     # dpo only, and one lever off
 
 The default workload's answers are 3.8 tokens in a 59.5-token example (6.4% of tokens carry
 loss), so its headline ratio leans on "LM head only at labelled positions", a lever real
@@ -112,16 +113,19 @@ def stats(ws: Path) -> dict:
 
 
 def main(steps: int = 4, repeats: int = 1, examples: int = 32, ws: Path | None = None, peak: dict | None = None,
-         dpo: bool = True, sft_levers: list[str] | None = None) -> dict:
+         dpo: bool = True, sft_levers: list[str] | None = None, sft: bool = True,
+         dpo_levers: list[str] | None = None) -> dict:
     from benchmarks import dpo as dpo_mod
     from benchmarks import sft as sft_mod
 
     long_ws = build(harness.workspace(ws))
     result = {"workload": stats(long_ws)}
-    result["sft"] = sft_mod.main(steps=steps, repeats=repeats, examples=examples, ws=long_ws, peak=peak,
-                                 levers=sft_levers or [])
+    if sft:
+        result["sft"] = sft_mod.main(steps=steps, repeats=repeats, examples=examples, ws=long_ws, peak=peak,
+                                     levers=sft_levers or [])
     if dpo:
-        result["dpo"] = dpo_mod.main(steps=steps, repeats=repeats, ws=long_ws, overrides={"max_length": 640})
+        result["dpo"] = dpo_mod.main(steps=steps, repeats=repeats, ws=long_ws, overrides={"max_length": 640},
+                                     levers=dpo_levers or [])
     return result
 
 
@@ -130,10 +134,10 @@ def report(result: dict) -> str:
     from benchmarks import sft as sft_mod
 
     w = result["workload"]
-    text = (f"long-answer workload: {w['examples']} examples, {w['mean_tokens']} tokens on average, "
-            f"{w['mean_answer_tokens']} answer tokens ({100 * w['labelled_share']:.0f}% carry loss)\n\n"
-            + sft_mod.report(result["sft"]))
-    return text + ("\n\n" + dpo_mod.report(result["dpo"]) if "dpo" in result else "")
+    parts = [f"long-answer workload: {w['examples']} examples, {w['mean_tokens']} tokens on average, "
+             f"{w['mean_answer_tokens']} answer tokens ({100 * w['labelled_share']:.0f}% carry loss)"]
+    parts += [mod.report(result[name]) for name, mod in (("sft", sft_mod), ("dpo", dpo_mod)) if name in result]
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
@@ -142,9 +146,12 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--examples", type=int, default=32)
     p.add_argument("--no-dpo", action="store_true")
+    p.add_argument("--no-sft", action="store_true")
     p.add_argument("--lever", action="append", default=[], help="an SFT variant of benchmarks.sft (repeatable)")
+    p.add_argument("--dpo-lever", action="append", default=[], help="a variant of benchmarks.dpo (repeatable)")
     a = p.parse_args()
-    res = main(a.steps, a.repeats, a.examples, dpo=not a.no_dpo, sft_levers=a.lever)
+    res = main(a.steps, a.repeats, a.examples, dpo=not a.no_dpo, sft_levers=a.lever, sft=not a.no_sft,
+               dpo_levers=a.dpo_lever)
     for name in ("sft", "dpo"):
         if name in res:
             harness.save_results(name, dict(res[name], workload_stats=res["workload"]), workload=WORKLOAD)

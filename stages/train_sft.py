@@ -22,6 +22,7 @@ from pathlib import Path
 from tunepipe.artifacts import write_json
 from tunepipe.cli import StageError, run_stage
 from tunepipe.dropout import use_fast_lora_dropout
+from tunepipe.lm_head import use_tiled_log_probs
 from tunepipe.modeling import load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads, trainable_parameters
 from tunepipe.params import Params
 from tunepipe.shared_prefix import use_shared_prefix
@@ -123,6 +124,7 @@ def build_trainer(model, tokenizer, data: dict, cfg, *, seed: int, precision: st
     # same numbers as the block-diagonal mask, a fraction of the attention work
     packed_sdpa = padding_free and use_packed_sdpa(model)
     score_only_labelled_positions()
+    use_tiled_log_probs()  # TRL's CPU fold swept 512 MB tiles a dozen times: half of a long-answer step
 
     args = SFTConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from tunepipe.cli import StageError
+from tunepipe.lm_head import use_tiled_log_probs
 from tunepipe.training import (TrainingRun, keep_lora_deltas_in_fp32, load_splits, score_only_labelled_positions,
                                trainer_arguments)
 
@@ -198,6 +199,7 @@ def _against_reference(cfg, data: dict, *, output_dir: Path, seed: int, precisio
     the reference is set up (both score log-probs with TRL's fused LM head, and compare the adapter
     on with the adapter off)."""
     score_only_labelled_positions()
+    use_tiled_log_probs()
     if precision == "bf16":
         keep_lora_deltas_in_fp32()  # else bf16 measures policy - reference as ~0 and the loss barely moves
     return dict(trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,
