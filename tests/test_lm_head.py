@@ -122,3 +122,10 @@ def test_a_model_with_trls_fused_head_gets_the_same_loss_and_gradients(tiny_mode
     assert torch.allclose(tiled.entropy, plain.entropy, atol=1e-5)
     assert torch.equal(tiled.is_top1, plain.is_top1)
     assert torch.allclose(tiled_grad, plain_grad, atol=1e-6)
+
+
+def test_a_batch_without_labels_gives_empty_outputs_and_zero_gradients():
+    h, w, b, targets = inputs(n=0)
+    (lp, ent, _, _, top1), grads = run(ours, h, w, b, targets)
+    assert lp.shape == ent.shape == top1.shape == (0,)
+    assert grads[0].shape == (0, 24) and not grads[1].any()
