@@ -14,6 +14,9 @@ Each lever times the same work two ways, alternating, median of ``repeats``:
                          call over the examples as rows (at the default data's ~60 tokens it is a wash)
     fast_lora_dropout    the LoRA dropouts of one decoder layer (six of the hidden size, one of the MLP's), forward +
                          backward on 960 tokens: nn.Dropout vs tunepipe.dropout's (a quarter of the random draws)
+    tiled_log_probs      the LM head's log-probs, entropy and top-1 flags (what TRL's SFTTrainer asks for), forward +
+                         backward, on 960 tokens that all carry a label (long answers): TRL's own CPU fold
+                         (trl.kernels.ChunkedLogProbFunction) vs tunepipe.lm_head's tiles
     batched_map          tokenizing the templated SFT records with datasets.map, one row at a time vs batched
 
 "speedup" is always lever-on over lever-off time (>1: the lever pays).
@@ -128,6 +131,9 @@ def main(repeats: int = 3, ws: Path | None = None) -> dict:
     rows.append({"lever": "fast_lora_dropout", **lora_dropouts(config, repeats)})
     rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
 
+    rows.append({"lever": "tiled_log_probs", **tiled_log_probs(head.weight.detach(), repeats)})
+    rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
+
     rows.append({"lever": "batched_map", **batched_map(ws, repeats)})
     rows[-1]["kept"] = rows[-1]["speedup"] > 1.05
     return {"command": f"python -m benchmarks.levers --repeats {repeats}", "tokens": TOKENS,
@@ -170,6 +176,23 @@ def lora_dropouts(config, repeats: int) -> dict:
             dropout(x).sum().backward()
 
     return compare(lambda: step(torch.nn.Dropout(0.05)), lambda: step(FastDropout(0.05)), repeats)
+
+
+def tiled_log_probs(weight, repeats: int) -> dict:
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    from tunepipe.lm_head import TiledLogProbs
+
+    h = torch.randn(TOKENS, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (TOKENS,))
+    outputs = ("log_probs", "entropy", "is_top1")
+
+    def step(out):
+        (-out[0].mean()).backward()
+
+    return compare(lambda: step(ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, 32768, None, 1.0, outputs)),
+                   lambda: step(TiledLogProbs.apply(h, weight, None, targets, outputs)), repeats)
 
 
 def batched_map(ws: Path, repeats: int) -> dict:
