@@ -20,8 +20,7 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
                      see benchmarks.dpo_precision), ours+checkpointing, ours-all_positions (TRL's
                      LM head over every position, prompt included, as TRL does off Triton devices),
                      ours-unshared_prefix (the padded batch as it comes), ours-trl_log_probs (TRL's
-                     own CPU fold of the LM head's tiles), ours-small_pages (torch's default pages, not
-                     the stages' huge pages): one lever changed each (--levers)
+                     own CPU fold of the LM head's tiles): one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -39,8 +38,7 @@ from benchmarks import harness
 
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
             "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
-            "ours-all_positions": {}, "ours-unshared_prefix": {}, "ours-trl_log_probs": {},
-            "ours-small_pages": {}}
+            "ours-all_positions": {}, "ours-unshared_prefix": {}, "ours-trl_log_probs": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions"),
                 "ours-unshared_prefix": ("tunepipe.shared_prefix", "share_prefixes_in_backbone"),

@@ -64,23 +64,11 @@ def run_worker(module: str, spec: dict, timeout: float = 4 * 3600) -> dict:
         out = Path(tmp) / "result.json"
         spec = dict(spec, result_file=str(out), scratch=tmp)
         proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], cwd=REPO,
-                              env=worker_env(spec.get("variant")), capture_output=True, text=True, timeout=timeout)
+                              env=offline_env(), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"{module} worker {spec.get('variant')} failed (exit {proc.returncode}):\n"
                                f"{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
-
-
-def worker_env(variant: Optional[str]) -> dict:
-    """The environment a worker runs in: the stages' own for "ours" variants (tunepipe.environment's huge pages,
-    which stages/__init__.py sets before torch loads), torch's defaults for every other side and for the
-    ours-small_pages lever."""
-    from tunepipe.environment import HUGE_PAGES
-
-    env = {k: v for k, v in offline_env().items() if k not in HUGE_PAGES}
-    if variant and variant.startswith("ours") and variant != "ours-small_pages":
-        env.update(HUGE_PAGES)
-    return env
 
 
 def switch_off(module: str, name: str) -> None:

@@ -19,8 +19,7 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     it does only over labelled ones), ours-bernoulli_dropout (PEFT's nn.Dropout instead of
     tunepipe.dropout's), ours-unshared_prefix (every example computes the system prompt again
     instead of tunepipe.shared_prefix sending it once), ours-trl_log_probs (TRL's own CPU fold of the LM
-    head's tiles instead of tunepipe.lm_head's), ours-small_pages (torch's default 4 KB pages instead of the
-    huge pages stages/__init__.py asks for: benchmarks.harness.worker_env): one lever changed each (--levers)
+    head's tiles instead of tunepipe.lm_head's): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ VARIANTS = {
     "ours-bernoulli_dropout": {},
     "ours-unshared_prefix": {},
     "ours-trl_log_probs": {},
-    "ours-small_pages": {},
 }
 # Levers that are code, not params: the variant switches the function off (module, name).
 SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),

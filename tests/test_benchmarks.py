@@ -88,16 +88,6 @@ def test_generate_compares_naive_batched_and_ours(bench_ws, tmp_path):
     assert r["mismatches"] == {"generate_batched": [], "ours": []}
 
 
-def test_ours_workers_run_in_the_stages_environment_and_every_other_side_in_torchs(monkeypatch):
-    from benchmarks import harness
-
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # set by the caller's shell: the baseline must not inherit it
-    assert harness.worker_env("ours")["THP_MEM_ALLOC_ENABLE"] == "1"
-    assert harness.worker_env("ours-trl_log_probs")["THP_MEM_ALLOC_ENABLE"] == "1"
-    for other in ("baseline", "ours-small_pages", None):
-        assert "THP_MEM_ALLOC_ENABLE" not in harness.worker_env(other)
-
-
 def test_table_formats_every_column():
     from benchmarks.harness import ratio, table
 

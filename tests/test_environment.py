@@ -21,16 +21,3 @@ def test_wrong_python_gets_one_line_and_the_fix(stage):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("error: ") and "lacks the project's packages" in lines[0]
     assert "scikit-learn" in lines[0] and "source .venv/bin/activate" in lines[0]
-
-
-def test_stages_ask_for_huge_pages_before_torch_loads_and_a_users_setting_wins():
-    import os
-
-    probe = ("import os, sys; import stages; "
-             "print('torch' in sys.modules, os.environ.get('THP_MEM_ALLOC_ENABLE'))")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
-    assert out.stdout.split() == ["False", "1"], out.stderr  # torch reads it once, at its first allocation
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env=dict(env, THP_MEM_ALLOC_ENABLE="0"))
-    assert out.stdout.split() == ["False", "0"], out.stderr

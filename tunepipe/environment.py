@@ -3,7 +3,6 @@
 Standard library only, so it can run before anything else is imported:
 
     require_project_environment()   # in stages/__init__.py: one clear line instead of a raw ImportError
-    use_huge_pages_for_tensors()    # in stages/__init__.py too: before torch is imported
     library_versions()              # {"torch": "2.13.0+cpu", "trl": "1.16.0", ...}
     unlocked_versions()             # installed versions that differ from requirements.lock
 
@@ -18,7 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,24 +33,6 @@ RESULT_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsa
 REQUIRED_MODULES = (("pydantic", "pydantic"), ("yaml", "pyyaml"), ("torch", "torch"),
                     ("transformers", "transformers"), ("datasets", "datasets"), ("sklearn", "scikit-learn"),
                     ("dvclive", "dvclive"))
-
-
-# torch backs its CPU tensors of 2 MB and more with transparent huge pages when this is set (Linux; read once,
-# at its first CPU allocation). The numbers are the same either way.
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
-def use_huge_pages_for_tensors() -> None:
-    """Have torch ask Linux for transparent huge pages for its large tensors; the user's own setting wins.
-
-    A training step allocates gigabytes of activations, and every 4 KB page costs a fault on
-    first touch. On the 2-core VMs measured a fault cost 10-30 us: a long-answer train-sft run
-    took 2.1 million of them, and a step that grew the heap ran twice as long as one that did
-    not (benchmarks/RESULTS.md). With 2 MB pages it took 0.8 million. Must run before torch
-    is imported (stages/__init__.py): torch reads the setting once.
-    """
-    for key, value in HUGE_PAGES.items():
-        os.environ.setdefault(key, value)
 
 
 def missing_modules() -> list[str]:
