@@ -124,7 +124,7 @@ def build_trainer(model, tokenizer, data: dict, cfg, *, seed: int, precision: st
     # same numbers as the block-diagonal mask, a fraction of the attention work
     packed_sdpa = padding_free and use_packed_sdpa(model)
     score_only_labelled_positions()
-    use_tiled_log_probs()  # TRL's CPU fold swept 512 MB tiles a dozen times: half of a long-answer step
+    use_tiled_log_probs()  # TRL's CPU fold swept each huge tile a dozen times: half of a long-answer step
 
     args = SFTConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

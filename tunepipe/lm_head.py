@@ -1,11 +1,12 @@
 """The LM head's per-token log-probs on a CPU, in tiles that stay in cache.
 
 TRL scores tokens through ``trl.kernels.ChunkedLogProbFunction``: the LM head in tiles
-of [4096 tokens x 32768 vocab], folded into online-logsumexp statistics. On a device
-without Triton the fold is a dozen torch ops, each allocating and sweeping a fresh
-512 MB tile: on long answers, where most positions carry a label, that was half of a
-train-sft step on a 2-core CPU (profiled: aten::mul, sub, exp and fill of those tiles);
-timed alone, the fold took 2.6 times as long as the head's matmuls.
+of up to [4096 tokens x 32768 vocab], folded into online-logsumexp statistics. On a
+device without Triton the fold is a dozen torch ops, each allocating and sweeping a
+fresh tile (262 MB in fp32 for a step's 2000 labelled tokens): on long answers, where
+most positions carry a label, that was half of a train-sft step on a 2-core CPU
+(profiled: aten::mul, sub, exp and fill of those tiles); timed alone, the fold took 2.6
+times as long as the head's matmuls.
 
 ``TiledLogProbs`` computes the same outputs (log-probs; entropy and is_top1 when asked)
 over tiles of ``TOKENS`` tokens x the whole vocabulary, in two buffers reused by every
