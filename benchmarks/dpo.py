@@ -20,7 +20,8 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
                      see benchmarks.dpo_precision), ours+checkpointing, ours-all_positions (TRL's
                      LM head over every position, prompt included, as TRL does off Triton devices),
                      ours-unshared_prefix (the padded batch as it comes), ours-trl_log_probs (TRL's
-                     own CPU fold of the LM head's tiles): one lever changed each (--levers)
+                     own CPU fold of the LM head's tiles), ours-bf16_attention (under bf16, attention
+                     in bf16 too instead of tunepipe.attention's fp32): one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -38,11 +39,13 @@ from benchmarks import harness
 
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
             "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
-            "ours-all_positions": {}, "ours-unshared_prefix": {}, "ours-trl_log_probs": {}}
+            "ours-all_positions": {}, "ours-unshared_prefix": {}, "ours-trl_log_probs": {},
+            "ours-bf16_attention": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions"),
                 "ours-unshared_prefix": ("tunepipe.shared_prefix", "share_prefixes_in_backbone"),
-                "ours-trl_log_probs": ("tunepipe.preference", "use_tiled_log_probs")}
+                "ours-trl_log_probs": ("tunepipe.preference", "use_tiled_log_probs"),
+                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32")}
 
 
 def train_once(spec: dict) -> dict:

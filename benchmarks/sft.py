@@ -19,7 +19,8 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     it does only over labelled ones), ours-bernoulli_dropout (PEFT's nn.Dropout instead of
     tunepipe.dropout's), ours-unshared_prefix (every example computes the system prompt again
     instead of tunepipe.shared_prefix sending it once), ours-trl_log_probs (TRL's own CPU fold of the LM
-    head's tiles instead of tunepipe.lm_head's): one lever changed each (--levers)
+    head's tiles instead of tunepipe.lm_head's), ours-bf16_attention (under bf16, attention in bf16
+    too instead of tunepipe.attention's fp32): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ VARIANTS = {
     "ours-bernoulli_dropout": {},
     "ours-unshared_prefix": {},
     "ours-trl_log_probs": {},
+    "ours-bf16_attention": {},
 }
 # Levers that are code, not params: the variant switches the function off (module, name).
 SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),
                 "ours-all_positions": ("stages.train_sft", "score_only_labelled_positions"),
                 "ours-bernoulli_dropout": ("stages.train_sft", "use_fast_lora_dropout"),
                 "ours-unshared_prefix": ("stages.train_sft", "use_shared_prefix"),
-                "ours-trl_log_probs": ("stages.train_sft", "use_tiled_log_probs")}
+                "ours-trl_log_probs": ("stages.train_sft", "use_tiled_log_probs"),
+                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32")}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 

@@ -103,3 +103,61 @@ def test_a_sliding_window_model_keeps_transformers_attention():
     assert not use_packed_sdpa(model) and model.config._attn_implementation == "sdpa"
     model.config.sliding_window = None  # a Mistral without a window packs like a Llama
     assert use_packed_sdpa(model)
+
+
+def _packed_row(lengths, heads=2, dim=8, dtype=None):
+    """q, k, v of one packed row ([1, heads, tokens, dim]) and its position ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, sum(lengths), dim, generator=g, dtype=dtype) for _ in range(3))
+    return q, k, v, torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def _per_example(q, k, v, lengths):
+    """Each example's causal attention on its own, in the inputs' dtype: [1, tokens, heads, dim]."""
+    import torch
+    import torch.nn.functional as F
+
+    outs, start = [], 0
+    for n in lengths:
+        part = [t[:, :, start:start + n] for t in (q, k, v)]
+        outs.append(F.scaled_dot_product_attention(*part, is_causal=True).transpose(1, 2))
+        start += n
+    return torch.cat(outs, dim=1)
+
+
+def test_under_bf16_autocast_attention_runs_in_fp32_and_returns_bf16():
+    # the CPU's bf16 SDPA backward is slower than fp32's; the output is what autocast's call would give,
+    # in dtype, and the fp32 result rounded once
+    import types
+
+    import torch
+
+    from tunepipe.attention import attend_in_fp32, packed_sdpa_attention
+
+    lengths = [5, 9, 3]
+    q, k, v, pos = _packed_row(lengths)
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attend_in_fp32(q)
+        out, _ = packed_sdpa_attention(module, q, k, v, None, position_ids=pos)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, _per_example(q, k, v, lengths).to(torch.bfloat16))
+
+
+def test_without_autocast_a_bf16_model_keeps_bf16_attention():
+    # evaluation and generation load the model in bf16: no casts there
+    import types
+
+    import torch
+
+    from tunepipe.attention import attend_in_fp32, packed_sdpa_attention
+
+    lengths = [4, 6]
+    q, k, v, pos = _packed_row(lengths, dtype=torch.bfloat16)
+    assert not attend_in_fp32(q)
+    out, _ = packed_sdpa_attention(types.SimpleNamespace(is_causal=True, num_key_value_groups=1),
+                                   q, k, v, None, position_ids=pos)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), _per_example(q, k, v, lengths).float(), atol=1e-2)
