@@ -69,6 +69,29 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_size:
     return out
 
 
+def fused_head_step(model_dir: Path, unlabelled: int):
+    """The tiny model with TRL's fused LM head on two 12-token rows whose first ``unlabelled`` tokens carry
+    no label: (labels, step), where step() runs forward + backward and returns the outputs and the first
+    layer's up_proj gradient, to compare two ways of scoring the same batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :unlabelled] = -100
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    return labels, step
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     """Session-wide tiny model folder; copy it before changing it."""

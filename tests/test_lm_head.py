@@ -98,23 +98,12 @@ def test_use_tiled_log_probs_routes_only_what_it_computes(monkeypatch):
 
 
 def test_a_model_with_trls_fused_head_gets_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
-    from transformers import AutoModelForCausalLM
     from trl.trainer import utils
-    from trl.trainer.utils import add_fused_lm_head
+
+    from tests.conftest import fused_head_step
 
     monkeypatch.setattr(utils, "_ChunkedLogProbFunction", utils._ChunkedLogProbFunction)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
-    add_fused_lm_head(model, outputs=OUTPUTS)
-    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :5] = -100
-
-    def step():
-        model.zero_grad()
-        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
-        out.loss.backward()
-        return out, model.model.layers[0].mlp.up_proj.weight.grad.clone()
-
+    _, step = fused_head_step(tiny_model_dir, unlabelled=5)
     plain, plain_grad = step()
     lm_head.use_tiled_log_probs()
     tiled, tiled_grad = step()

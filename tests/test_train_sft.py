@@ -303,10 +303,9 @@ def test_metrics_logging_works_in_a_git_repo_without_commits(tmp_path, monkeypat
 
 def test_fused_lm_head_scores_only_labelled_positions_with_the_same_numbers(tiny_model_dir, monkeypatch):
     import torch
-    from transformers import AutoModelForCausalLM
     from trl.trainer import utils
-    from trl.trainer.utils import add_fused_lm_head
 
+    from tests.conftest import fused_head_step
     from tunepipe.training import score_only_labelled_positions
 
     monkeypatch.setattr(utils, "_use_triton", getattr(utils._use_triton, "plain", utils._use_triton))
@@ -320,18 +319,7 @@ def test_fused_lm_head_scores_only_labelled_positions_with_the_same_numbers(tiny
             return chunked.apply(hidden, *args)
 
     monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Recording)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :9] = -100  # 3 answer tokens a row
-
-    def run():
-        model.zero_grad()
-        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
-        out.loss.backward()
-        return out, model.model.layers[0].mlp.up_proj.weight.grad.clone()
-
+    labels, run = fused_head_step(tiny_model_dir, unlabelled=9)  # 3 answer tokens a row
     every, every_grad = run()
     score_only_labelled_positions()
     only, only_grad = run()
