@@ -21,7 +21,9 @@ speed does not depend on which weights it starts from; the stage merges SFT in).
                      LM head over every position, prompt included, as TRL does off Triton devices),
                      ours-unshared_prefix (the padded batch as it comes), ours-trl_log_probs (TRL's
                      own CPU fold of the LM head's tiles), ours-bf16_attention (under bf16, attention
-                     in bf16 too instead of tunepipe.attention's fp32): one lever changed each (--levers)
+                     in bf16 too instead of tunepipe.attention's fp32), ours-recast_weights (under
+                     bf16, each frozen weight cast to bf16 at every use, as autocast does, instead of
+                     once: tunepipe.casts): one lever changed each (--levers)
 
 Reported: pairs/s over steps 2..N (steady state) and end to end (trainer
 construction, which precomputes the reference, through the last step), peak RSS,
@@ -40,12 +42,13 @@ from benchmarks import harness
 VARIANTS = {"baseline": {}, "ours": {}, "ours+precompute": {"precompute_ref_log_probs": True},
             "ours+checkpointing": {"gradient_checkpointing": True}, "ours+bf16": {"precision": "bf16"},
             "ours-all_positions": {}, "ours-unshared_prefix": {}, "ours-trl_log_probs": {},
-            "ours-bf16_attention": {}}
+            "ours-bf16_attention": {}, "ours-recast_weights": {}}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 SWITCHED_OFF = {"ours-all_positions": ("tunepipe.preference", "score_only_labelled_positions"),
                 "ours-unshared_prefix": ("tunepipe.shared_prefix", "share_prefixes_in_backbone"),
                 "ours-trl_log_probs": ("tunepipe.preference", "use_tiled_log_probs"),
-                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32")}
+                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32"),
+                "ours-recast_weights": ("tunepipe.casts", "may_keep")}
 
 
 def train_once(spec: dict) -> dict:

@@ -20,7 +20,10 @@ model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
     tunepipe.dropout's), ours-unshared_prefix (every example computes the system prompt again
     instead of tunepipe.shared_prefix sending it once), ours-trl_log_probs (TRL's own CPU fold of the LM
     head's tiles instead of tunepipe.lm_head's), ours-bf16_attention (under bf16, attention in bf16
-    too instead of tunepipe.attention's fp32): one lever changed each (--levers)
+    too instead of tunepipe.attention's fp32), ours-bf16_deltas (under bf16, PEFT's bf16 sum of each
+    LoRA delta instead of tunepipe.training.keep_lora_deltas_in_fp32's fp32), ours-recast_weights (under
+    bf16, each frozen weight cast to bf16 at every use, as autocast does, instead of once:
+    tunepipe.casts): one lever changed each (--levers)
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ VARIANTS = {
     "ours-unshared_prefix": {},
     "ours-trl_log_probs": {},
     "ours-bf16_attention": {},
+    "ours-bf16_deltas": {},
+    "ours-recast_weights": {},
 }
 # Levers that are code, not params: the variant switches the function off (module, name).
 SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa"),
@@ -53,7 +58,9 @@ SWITCHED_OFF = {"ours-masked_attention": ("tunepipe.attention", "use_packed_sdpa
                 "ours-bernoulli_dropout": ("stages.train_sft", "use_fast_lora_dropout"),
                 "ours-unshared_prefix": ("stages.train_sft", "use_shared_prefix"),
                 "ours-trl_log_probs": ("stages.train_sft", "use_tiled_log_probs"),
-                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32")}
+                "ours-bf16_attention": ("tunepipe.attention", "attend_in_fp32"),
+                "ours-bf16_deltas": ("stages.train_sft", "keep_lora_deltas_in_fp32"),
+                "ours-recast_weights": ("tunepipe.casts", "may_keep")}
 LEVERS = [v for v in VARIANTS if v not in ("baseline", "ours")]
 
 

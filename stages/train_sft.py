@@ -26,9 +26,9 @@ from tunepipe.lm_head import use_tiled_log_probs
 from tunepipe.modeling import load_for_training, load_tokenizer, read_tokenizer_info, set_cpu_threads, trainable_parameters
 from tunepipe.params import Params
 from tunepipe.shared_prefix import use_shared_prefix
-from tunepipe.training import (TrainingRun, choose_precision, finish_training, launch_processes, load_splits,
-                               provenance, resume_point, save_trained, score_only_labelled_positions,
-                               trainer_arguments, training_record)
+from tunepipe.training import (TrainingRun, choose_precision, finish_training, keep_lora_deltas_in_fp32,
+                               launch_processes, load_splits, provenance, resume_point, save_trained,
+                               score_only_labelled_positions, trainer_arguments, training_record)
 
 log = logging.getLogger("tunepipe.train_sft")
 
@@ -125,6 +125,8 @@ def build_trainer(model, tokenizer, data: dict, cfg, *, seed: int, precision: st
     packed_sdpa = padding_free and use_packed_sdpa(model)
     score_only_labelled_positions()
     use_tiled_log_probs()  # TRL's CPU fold swept each huge tile a dozen times: half of a long-answer step
+    if precision == "bf16":  # PEFT's bf16 sum rounded the deltas away: long answers ended at a higher loss
+        keep_lora_deltas_in_fp32()
 
     args = SFTConfig(
         **trainer_arguments(cfg, output_dir=output_dir, seed=seed, precision=precision,

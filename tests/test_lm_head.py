@@ -118,16 +118,3 @@ def test_a_batch_without_labels_gives_empty_outputs_and_zero_gradients():
     (lp, ent, _, _, top1), grads = run(ours, h, w, b, targets)
     assert lp.shape == ent.shape == top1.shape == (0,)
     assert grads[0].shape == (0, 24) and not grads[1].any()
-
-
-def test_the_heads_cast_is_kept_while_the_weight_is_unchanged():
-    # a frozen head is cast to bf16 once a run, not twice a step; a changed or another weight is cast anew
-    w = torch.randn(40, 8)
-    cast = lm_head._cast_kept(w, torch.bfloat16)
-    assert cast.dtype == torch.bfloat16 and torch.equal(cast, w.to(torch.bfloat16))
-    assert lm_head._cast_kept(w, torch.bfloat16) is cast
-    assert lm_head._cast_kept(w, torch.float32) is w
-    w.mul_(2)  # an optimizer step on a trained head
-    assert torch.equal(lm_head._cast_kept(w, torch.bfloat16), w.to(torch.bfloat16))
-    other = w.clone()
-    assert lm_head._cast_kept(other, torch.bfloat16) is not lm_head._cast_kept(w, torch.bfloat16)

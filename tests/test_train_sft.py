@@ -255,14 +255,26 @@ def test_qlora_trains_on_cpu(workdir, smol_tokenizer_dir):
     assert json.loads(Path("metrics/train_sft.json").read_text())["steps"] == 2
 
 
-def test_bf16_autocast_trains_on_cpu(workdir):
-    """transformers refuses bf16 without a GPU unless told the CPU is meant; the stage tells it."""
+def peft_lora_forward(monkeypatch):
+    """PEFT's own LoRA forward, put back for this test (a stage's patch is process-wide)."""
+    from peft.tuners.lora import layer
+
+    plain = getattr(layer.Linear.forward, "plain", layer.Linear.forward)
+    monkeypatch.setattr(layer.Linear, "forward", plain)
+    return layer.Linear
+
+
+def test_bf16_autocast_trains_on_cpu(workdir, monkeypatch):
+    """transformers refuses bf16 without a GPU unless told the CPU is meant; the stage tells it.
+    Under bf16 the LoRA deltas are summed in fp32 (test_train_dpo: else a young adapter's round away)."""
     from stages import train_sft
 
+    lora_linear = peft_lora_forward(monkeypatch)
     train_sft.main(tiny_params(train_sft={"precision": "bf16", "max_steps": 2, "eval_steps": 2}))
     metrics = json.loads(Path("metrics/train_sft.json").read_text())
     assert metrics["precision"] == "bf16" and metrics["steps"] == 2
     assert metrics["train_loss"] > 0
+    assert hasattr(lora_linear.forward, "plain")  # tunepipe.training.keep_lora_deltas_in_fp32's
 
 
 def test_precision_auto_trains_in_what_the_probe_measured_faster(workdir, monkeypatch, tmp_path):
@@ -272,9 +284,11 @@ def test_precision_auto_trains_in_what_the_probe_measured_faster(workdir, monkey
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "measure", lambda shapes, tokens: {"fp32_ms": 10.0, "bf16_ms": 17.0, "tokens": tokens})
+    lora_linear = peft_lora_forward(monkeypatch)
     train_sft.main(tiny_params(train_sft={"precision": "auto", "max_steps": 2, "eval_steps": 2}))
     metrics = json.loads(Path("metrics/train_sft.json").read_text())
     assert metrics["precision"] == "fp32" and metrics["precision_source"] == "measured"
+    assert not hasattr(lora_linear.forward, "plain")  # fp32: PEFT's own forward
     assert metrics["precision_bf16_speedup"] == pytest.approx(10 / 17, abs=1e-3)
     record = json.loads(Path("models/sft/training.json").read_text())
     assert "precision_bf16_speedup" not in record["results"] and record["results"]["precision"] == "fp32"

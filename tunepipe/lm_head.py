@@ -24,9 +24,9 @@ three) goes to TRL's function unchanged.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from tunepipe.casts import cast_kept
 
 TOKENS = 128  # tokens per tile: 128 x 49152 fp32 = 25 MB (64 to 512 timed within 20% of each other here)
 SUPPORTED_OUTPUTS = {"log_probs", "entropy", "is_top1"}
@@ -133,9 +133,9 @@ class _Head:
     two tile buffers reused by every tile: fresh 25 MB tensors per op cost page faults, not just arithmetic."""
 
     def __init__(self, weight, bias, dtype, tokens: int):
-        self.weight = _cast_kept(weight, dtype)
+        self.weight = cast_kept(weight, dtype)
         self.bias = None if bias is None else bias.to(dtype)
-        self.weight32 = _cast_kept(weight, torch.float32)
+        self.weight32 = cast_kept(weight, torch.float32)
         shape = (min(TOKENS, tokens), weight.shape[0])
         self.tile = torch.empty(shape, dtype=dtype)
         self.tile32 = self.tile if dtype == torch.float32 else torch.empty(shape)
@@ -154,21 +154,6 @@ class _Head:
     def exp(self, z):
         """exp(z) in the spare buffer."""
         return torch.exp(z, out=self.spare[: z.shape[0]])
-
-
-_kept_casts: dict = {}  # dtype -> (weakref to the weight, its version, the weight in dtype)
-
-
-def _cast_kept(weight, dtype):
-    """``weight.to(dtype)``, kept while the weight is the same tensor, unchanged: a frozen head (LoRA) is
-    cast once a run, not twice a step (SmolLM2's 28M values took 95 ms a cast on a 2-core AMD EPYC)."""
-    if weight.dtype == dtype:
-        return weight
-    ref, version, cast = _kept_casts.get(dtype, (None, None, None))
-    if ref is None or ref() is not weight or version != weight._version:
-        cast = weight.detach().to(dtype)
-        _kept_casts[dtype] = (weakref.ref(weight), weight._version, cast)
-    return cast
 
 
 def _cast(grad, like):

@@ -325,9 +325,12 @@ def keep_lora_deltas_in_fp32() -> None:
     (python -m benchmarks.dpo_precision). With the sum in fp32 the residual stream (fp32
     under autocast) keeps the deltas. The reference pass (adapter off) outputs fp32 too, so
     the two passes differ only by the deltas. Outside autocast this is PEFT's own forward.
+    The frozen base weight's bf16 cast is kept, not made at every forward (tunepipe.casts).
     """
     import torch
     from peft.tuners.lora import layer
+
+    from tunepipe.casts import frozen_linear
 
     original = layer.Linear.forward
     if hasattr(original, "plain"):
@@ -339,7 +342,7 @@ def keep_lora_deltas_in_fp32() -> None:
             return original(self, x, *args, **kwargs)
         # the reference pass (adapter off) takes the same fp32 path: else policy and reference differ
         # by rounding alone and DPO's rewards start away from zero
-        result = self.base_layer(x, *args, **kwargs).float()
+        result = frozen_linear(self.base_layer, x, *args, **kwargs).float()
         if self.disable_adapters:
             return result
         for name in self.active_adapters:
