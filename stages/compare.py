@@ -25,7 +25,8 @@ Writes metrics/eval.json (4 decimals, flat keys so `dvc metrics show` carries th
   "settings": {"confidence", "alpha", "bootstrap_resamples"}
   "test_size": {"n_items", "min_significant_pts", "wilson_halfwidth_pts", "small", ..}: what so many
                test prompts can show (tunepipe.stats.test_size_note); the report warns when small
-  "generation": {"max_new_tokens", "derived"}: the answer length limit evaluate used, and why
+  "generation": {"max_new_tokens", "derived", "dtype"}: the answer length limit evaluate used, and why,
+                and the dtype the models ran in
 
 Intervals: Wilson for proportions (accuracies, rates), a seeded percentile bootstrap
 over items for the rest. Paired tests (on the items both models answered): exact

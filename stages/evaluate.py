@@ -24,7 +24,9 @@ Writes data/eval/<model>/ (replaced atomically):
                      (empty without preference pairs: fetch.preference.source none, or unpaired
                      data, fetch.preference.format unpaired, whose rows have one answer each)
   generation.json    the answer length limit used, and how it was chosen (evaluate.max_new_tokens:
-                     auto derives it from the training answers in data/templated/sft_train.jsonl)
+                     auto derives it from the training answers in data/templated/sft_train.jsonl),
+                     and the dtype the model ran in (evaluate.dtype: auto is bfloat16 where training's
+                     precision probe measured bf16 faster; 2-3x less time on such a CPU)
 
 The figures with their intervals and the paired comparisons between models are the
 compare stage's (metrics/eval.json). Params: evaluate.* (not evaluate.models, which
@@ -70,16 +72,16 @@ def read_test(kind: str, max_examples: int | None) -> list[dict]:
     return rows
 
 
-def load_for_eval(name: str, tokenizer, trust_remote_code: bool):
-    """The model called ``name`` (tunepipe.modeling.NAMED_MODELS), and every id that ends its answers."""
+def load_for_eval(name: str, tokenizer, trust_remote_code: bool, dtype: str = "float32"):
+    """The model called ``name`` (tunepipe.modeling.NAMED_MODELS) in ``dtype``, and every id that ends its answers."""
     from tunepipe.attention import use_packed_sdpa
     from tunepipe.generation import eos_ids
-    from tunepipe.modeling import check_named_model, load_named_model
+    from tunepipe.modeling import check_named_model, load_named_model, torch_dtype
     from tunepipe.tokenization import generation_eos_ids
 
     check_named_model(name, "evaluate.models")
     model = load_named_model(name, tokenizer, trust_remote_code=trust_remote_code).eval()
-    model.to(_device())
+    model.to(device=_device(), dtype=torch_dtype(dtype))
     use_packed_sdpa(model)  # scoring packs prompts and answers in rows (generation runs SDPA as before)
     # load_named_model sets the tokenizer's EOS as the generation EOS; keep any other stop id the
     # model folder declares (Llama 3 stops on several; the GGUF holds its own in its metadata).
@@ -157,6 +159,7 @@ def main(params: Params, model: str) -> None:
     from transformers import set_seed
 
     from tunepipe.modeling import load_tokenizer, set_cpu_threads
+    from tunepipe.precision import inference_dtype
 
     if not TOKENIZER.is_dir():
         raise StageError(f"{TOKENIZER} is missing; run the tokenize stage first (dvc repro tokenize)")
@@ -167,11 +170,13 @@ def main(params: Params, model: str) -> None:
     set_cpu_threads()  # only the free cores: a busy core makes every torch op wait
     set_seed(params.shared.seed)
     started = time.perf_counter()
-    lm, stops = load_for_eval(model, tokenizer, params.shared.trust_remote_code)
+    # every model of a run in one dtype (the probe at the base's shapes), so their differences are theirs
+    dtype = inference_dtype(cfg.dtype, NAMED_MODELS["base"][0])
+    lm, stops = load_for_eval(model, tokenizer, params.shared.trust_remote_code, dtype)
 
     # ---------------------------------------------------------------- evaluate
-    limit = generation_limit(cfg, tokenizer)
-    log.info("max_new_tokens=%d (%s)", limit["max_new_tokens"], limit["derived"])
+    limit = {**generation_limit(cfg, tokenizer), "dtype": dtype}
+    log.info("max_new_tokens=%d (%s); %s", limit["max_new_tokens"], limit["derived"], dtype)
     generations = score_generations(model, lm, stops, tokenizer, sft_rows, cfg, limit["max_new_tokens"])
     preferences = score_preferences(model, lm, tokenizer, pref_rows, cfg) if pref_rows else []
     log.info("%s: %s (%.0f s)", model, _headline(generations, preferences), time.perf_counter() - started)

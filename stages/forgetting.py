@@ -87,10 +87,11 @@ def main(params: Params) -> None:
     from transformers import set_seed
 
     from tunepipe.modeling import NAMED_MODELS, set_cpu_threads
+    from tunepipe.precision import inference_dtype
 
     set_cpu_threads()  # only the free cores
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the stage's own
-    dtype = forgetting.resolve_dtype(cfg.dtype, NAMED_MODELS["base"][0])  # the probe at the base's shapes
+    dtype = inference_dtype(cfg.dtype, NAMED_MODELS["base"][0])  # the probe at the base's shapes
     items: dict[str, list] = {}
     summaries: dict[str, dict] = {}
     try:

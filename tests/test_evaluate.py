@@ -55,7 +55,7 @@ def project(built, tmp_path, monkeypatch):
 
 
 def params(**evaluate) -> Params:
-    return Params.model_validate({"evaluate": {"max_new_tokens": 6, "batch_size": 4, **evaluate}})
+    return Params.model_validate({"evaluate": {"max_new_tokens": 6, "batch_size": 4, "dtype": "float32", **evaluate}})
 
 
 def run(p: Params, model: str) -> tuple[list[dict], list[dict]]:
@@ -138,6 +138,22 @@ def test_auto_answer_limit_comes_from_the_training_answers(project):
     assert max(g["n_new_tokens"] for g in gens) <= limit["max_new_tokens"]
     run(params(max_new_tokens="auto", max_new_tokens_cap=5), "base")
     assert read_json("data/eval/base/generation.json")["max_new_tokens"] == 5
+
+
+def test_dtype_auto_follows_the_precision_probe_and_is_recorded(project, monkeypatch, tmp_path):
+    """auto: bfloat16 where the (replaced) probe measures bf16 faster, else float32; the model runs in it."""
+    from tunepipe import precision
+
+    scores = {}
+    for ratio, expected in ((1.77, "bfloat16"), (0.59, "float32")):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"cache{ratio}"))  # the probe's cache: one per ratio
+        monkeypatch.setattr(precision, "measure",
+                            lambda shapes, tokens, r=ratio: {"fp32_ms": 100.0, "bf16_ms": 100.0 / r, "tokens": tokens})
+        gens, prefs = run(params(dtype="auto"), "final")
+        assert read_json("data/eval/final/generation.json")["dtype"] == expected
+        scores[expected] = [g["ref_logp"] for g in gens] + [p["chosen_logp"] for p in prefs]
+    assert scores["bfloat16"] != scores["float32"]  # bf16 rounding: the model did run in bf16
+    assert scores["bfloat16"] == pytest.approx(scores["float32"], rel=0.05)
 
 
 def test_instruction_as_written_and_no_preference_pairs(project):

@@ -78,13 +78,13 @@ def test_explicit_precision_is_never_probed(probe):
     assert probe.calls == []
 
 
-def test_resolve_precision_and_the_forgetting_dtype_follow_the_probe(probe):
-    from tunepipe.forgetting import resolve_dtype
+def test_resolve_precision_and_the_scoring_dtype_follow_the_probe(probe):
     from tunepipe.modeling import resolve_precision
+    from tunepipe.precision import inference_dtype
 
     probe.ratio = 0.59
-    assert resolve_precision("auto") == "fp32" and resolve_dtype("auto") == "float32"
-    assert resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_precision("auto") == "fp32" and inference_dtype("auto") == "float32"
+    assert inference_dtype("bfloat16") == "bfloat16"
 
 
 def test_training_metrics_record_the_ratio(probe):

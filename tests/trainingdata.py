@@ -97,7 +97,7 @@ def tiny_params(**sections):
                  warmup_ratio=0.0, logging_steps=1, eval_steps=2, save_steps=2, save_total_limit=2,
                  precision="fp32")
     raw = {"train_sft": dict(train), "train_dpo": dict(train, learning_rate=5e-3, max_length=128, max_prompt_length=96),
-           "merge": {"check_prompts": 2}}
+           "merge": {"check_prompts": 2}, "evaluate": {"dtype": "float32"}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return Params.model_validate(raw)

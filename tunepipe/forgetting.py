@@ -185,16 +185,6 @@ def versions(names: Sequence[str]) -> dict[str, Optional[str]]:
 # --------------------------------------------------------------------------- models
 
 
-def resolve_dtype(dtype: str, model_dir=None) -> str:
-    """``auto`` -> bfloat16 where this machine runs it clearly faster, else float32: the decision
-    training's ``precision: auto`` makes (tunepipe.precision: measured once per machine, cached)."""
-    from tunepipe.precision import choose
-
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if choose("auto", model_dir)["precision"] == "bf16" else "float32"
-
-
 def wrap_model(model, tokenizer, *, batch_size: int, max_length: Optional[int] = None) -> "LM":
     """lm-eval's HFLM around an already-loaded causal LM (no second load, no Hub access); on an SDPA
     model, one that computes each multiple-choice context once (tunepipe.continuations)."""

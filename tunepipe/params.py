@@ -177,6 +177,9 @@ class Tokenize(Section):
 # --------------------------------------------------------------------------- training
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+ScoringDtype = Literal["auto", "float32", "bfloat16", "float16"]
+SCORING_DTYPE = ("auto: bfloat16 where training's precision: auto measures bf16 faster (the same cached "
+                 "probe; CUDA: where it has bf16), else float32; set it for numbers identical across machines")
 
 
 class TrainCommon(Section):
@@ -364,6 +367,7 @@ class Evaluate(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(50, ge=0)
     repeat_ngram: int = Field(3, ge=2, description="n for the 'repeated n-grams' health check")
+    dtype: ScoringDtype = Field("auto", description=SCORING_DTYPE)
 
 
 class Compare(Section):
@@ -399,9 +403,7 @@ class Forgetting(Section):
     batch_size: int = Field(32, gt=0, description="sequences scored together")
     num_fewshot: Optional[int] = Field(None, ge=0, description="solved examples before each item; None: the "
                                                               "task's own default (0 for the offline tasks)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 where the hardware has it (CUDA with bf16, a CPU with "
-                            "AVX512-BF16/AMX), else float32")
+    dtype: ScoringDtype = Field("auto", description=SCORING_DTYPE)
     metric: str = Field("acc", min_length=1, description="per-item right/wrong metric of the tasks: acc for "
                                                         "multiple choice, exact_match for generative tasks")
     apply_chat_template: bool = Field(False, description="wrap each prompt in the model's chat template; "

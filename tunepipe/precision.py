@@ -53,6 +53,14 @@ def choose(precision: str, model_dir: Optional[str | Path] = None) -> dict:
     return cpu_choice(shapes_of(model_dir))
 
 
+def inference_dtype(dtype: str, model_dir: Optional[str | Path] = None) -> str:
+    """A scoring stage's ``dtype`` (evaluate, forgetting): ``auto`` -> bfloat16 where training's
+    ``precision: auto`` picks bf16 (measured, the same cached probe), else float32."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if choose("auto", model_dir)["precision"] == "bf16" else "float32"
+
+
 def cpu_choice(shapes: dict, tokens: int = PROBE_TOKENS) -> dict:
     """bf16 or fp32 on this CPU: from the cache, else measured now and cached."""
     key = cache_key(shapes, tokens)
