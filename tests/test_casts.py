@@ -17,6 +17,17 @@ def test_a_frozen_weights_cast_is_kept_while_the_weight_is_unchanged():
     assert casts.cast_kept(other, torch.bfloat16) is not casts.cast_kept(w, torch.bfloat16)
 
 
+def test_a_cast_first_made_under_inference_mode_serves_a_backward_later():
+    # train-dpo: TRL's reference pass (inference_mode) comes before the policy's forward and backward
+    layer = torch.nn.Linear(8, 4).requires_grad_(False)
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            casts.frozen_linear(layer, x.detach())
+        casts.frozen_linear(layer, x).float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_a_trained_weight_is_cast_at_every_use_and_keeps_nothing():
     w = torch.nn.Parameter(torch.randn(40, 8))
     assert casts.cast_kept(w, torch.bfloat16) is not casts.cast_kept(w, torch.bfloat16)

@@ -44,10 +44,15 @@ def rows(path: str) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def test_dpo_trains_against_the_sft_model(workdir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dpo_trains_against_the_sft_model(workdir, precision):
+    """In bf16 too: with the reference computed each step (the default params), the held-out check's
+    generation (inference mode, under accelerate's autocast) makes the first kept weight casts
+    (tunepipe.casts), which the policy's backward then uses."""
     from stages import train_dpo
 
-    train_dpo.main(tiny_params(train_dpo={"max_steps": 3, "eval_steps": 3, "save_steps": 3}))
+    train_dpo.main(tiny_params(train_dpo={"max_steps": 3, "eval_steps": 3, "save_steps": 3, "precision": precision,
+                                          "heldout_prompts": 2, "precompute_ref_log_probs": False}))
 
     config = json.loads(Path("models/dpo/adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4

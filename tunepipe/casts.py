@@ -35,7 +35,10 @@ def cast_kept(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     kept = weight.__dict__.setdefault(ATTRIBUTE, {})
     version, cast = kept.get(dtype, (None, None))
     if version != weight._version:
-        cast = weight.detach().to(dtype)
+        # a normal tensor even when first made under inference_mode (TRL's reference pass): an
+        # inference tensor cannot be saved for a later backward
+        with torch.inference_mode(False):
+            cast = weight.detach().to(dtype)
         kept[dtype] = (weight._version, cast)
     return cast
 
