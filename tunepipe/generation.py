@@ -190,7 +190,7 @@ def token_picker(decoding: Decoding):
 
 def inference_batches(model, lengths: Sequence[int], batch_size: int, desc: str) -> Iterator[list[int]]:
     """Indices of the items in batches, longest first, under a progress bar, with the model
-    in eval mode and autograd off (its mode is restored after).
+    in eval mode, autograd off and its LM head fed contiguous inputs (all restored after).
 
     Longest first keeps the padding in each batch small and shows a memory problem at once.
     """
@@ -200,6 +200,8 @@ def inference_batches(model, lengths: Sequence[int], batch_size: int, desc: str)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     was_training = model.training
     model.eval()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hook = head.register_forward_pre_hook(_contiguous_inputs) if head is not None else None
     try:
         with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="prompt") as bar:
             for start in range(0, len(order), batch_size):
@@ -208,6 +210,15 @@ def inference_batches(model, lengths: Sequence[int], batch_size: int, desc: str)
                 bar.update(len(batch))
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
+
+
+def _contiguous_inputs(module, args):
+    """transformers hands the LM head ``hidden_states[:, -1:]``, a strided view. With a frozen bf16
+    weight (an adapter merged in memory: evaluate@sft), torch's linear then copied the whole head
+    for every row: 7 s against 0.02 s for a batch of 48 at SmolLM2's size on a 2-core AMD EPYC."""
+    return tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
 
 
 def left_pad(rows: list[list[int]], pad_id: int):
