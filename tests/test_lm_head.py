@@ -5,7 +5,7 @@ import torch
 
 import tunepipe.lm_head as lm_head
 
-OUTPUTS = ("log_probs", "entropy", "is_top1")
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPO asks for
 
 
 def inputs(n=150, hidden=24, vocab=700, bias=False, seed=0):
@@ -41,9 +41,10 @@ def ours(h, w, b, targets):
 def test_outputs_and_gradients_match_trls_over_several_tiles(monkeypatch, bias):
     monkeypatch.setattr(lm_head, "TOKENS", 64)  # 150 tokens: three tiles, the last one short
     h, w, b, targets = inputs(bias=bias)
-    (lp, ent, _, _, top1), grads = run(ours, h, w, b, targets)
-    (lp_t, ent_t, _, _, top1_t), grads_t = run(trl, h, w, b, targets)
+    (lp, ent, _, mean, top1), grads = run(ours, h, w, b, targets)
+    (lp_t, ent_t, _, mean_t, top1_t), grads_t = run(trl, h, w, b, targets)
     assert torch.allclose(lp, lp_t, atol=1e-5) and torch.allclose(ent, ent_t, atol=1e-5)
+    assert torch.allclose(mean, mean_t, atol=1e-5) and not mean.requires_grad
     assert torch.equal(top1, top1_t) and top1.any()
     for ours_grad, trl_grad in zip(grads, grads_t):
         if trl_grad is not None:
@@ -91,7 +92,7 @@ def test_use_tiled_log_probs_routes_only_what_it_computes(monkeypatch):
     h, w, b, targets = inputs(n=4)
     dispatch.apply(h, w, b, targets, 1.0, 256, None, 1.0, OUTPUTS)
     assert calls == ["ours"]
-    for temperature, softcap, outputs in [(0.7, None, OUTPUTS), (1.0, 30.0, OUTPUTS), (1.0, None, ("mean_logits",))]:
+    for temperature, softcap, outputs in [(0.7, None, OUTPUTS), (1.0, 30.0, OUTPUTS), (1.0, None, ("log_sum_sq_probs",))]:
         out = dispatch.apply(h, w, b, targets, temperature, 256, softcap, 1.0, outputs)
         assert out[0].shape == (4,)  # TRL's own function answered
     assert calls == ["ours"]

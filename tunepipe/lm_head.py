@@ -8,7 +8,7 @@ most positions carry a label, that was half of a train-sft step on a 2-core CPU
 (profiled: aten::mul, sub, exp and fill of those tiles); timed alone, the fold took 2.6
 times as long as the head's matmuls.
 
-``TiledLogProbs`` computes the same outputs (log-probs; entropy and is_top1 when asked)
+``TiledLogProbs`` computes the same outputs (log-probs; entropy, mean logit and is_top1 when asked)
 over tiles of ``TOKENS`` tokens x the whole vocabulary, in two buffers reused by every
 tile: one matmul, one max, one exp pass, and the gradient formed in place. The backward
 recomputes each tile, as TRL's does, and like TRL's runs its matmuls in fp32 when the
@@ -29,7 +29,7 @@ import torch
 from tunepipe.casts import cast_kept
 
 TOKENS = 128  # tokens per tile: 128 x 49152 fp32 = 25 MB (64 to 512 timed within 20% of each other here)
-SUPPORTED_OUTPUTS = {"log_probs", "entropy", "is_top1"}
+SUPPORTED_OUTPUTS = {"log_probs", "entropy", "mean_logits", "is_top1"}  # DPO asks for all four
 
 
 def use_tiled_log_probs() -> None:
@@ -62,9 +62,10 @@ def applies(hidden, temperature, softcap, logit_scale, outputs) -> bool:
 
 
 class TiledLogProbs(torch.autograd.Function):
-    """log p(target) of ``hidden @ weight.T (+ bias)`` per token, and the entropy and whether the target is the
-    (first) argmax when ``outputs`` names them; returned in TRL's order (log_probs, entropy, log_sum_sq_probs,
-    mean_logits, is_top1), the two it never computes as None.
+    """log p(target) of ``hidden @ weight.T (+ bias)`` per token, and the entropy, the mean logit over the
+    vocabulary (no gradient) and whether the target is the (first) argmax when ``outputs`` names them;
+    returned in TRL's order (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), log_sum_sq_probs
+    (WPO's weights: not computed) as None.
 
     Like TRL's: under autocast the logits are computed in its dtype and the statistics in fp32; the
     backward's matmuls run in fp32."""
@@ -77,12 +78,15 @@ class TiledLogProbs(torch.autograd.Function):
         log_z, target_logit = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
         entropy = torch.empty(n, dtype=torch.float32) if "entropy" in outputs else None
         is_top1 = torch.empty(n, dtype=torch.bool) if "is_top1" in outputs else None
+        mean_logits = torch.empty(n, dtype=torch.float32) if "mean_logits" in outputs else None
         with torch.autocast("cpu", enabled=False):
             head = _Head(weight, bias, ctx.compute_dtype, n)
             for s in range(0, n, TOKENS):
                 e = min(s + TOKENS, n)
                 z = head.logits(hidden[s:e])
                 target_logit[s:e] = z.gather(-1, targets[s:e, None])[:, 0]
+                if mean_logits is not None:  # DPO's logits/chosen and logits/rejected metrics
+                    mean_logits[s:e] = z.sum(-1).div_(z.shape[-1])
                 top, first = z.max(-1)  # the first maximum, as TRL's kernel counts the target's rank
                 if is_top1 is not None:
                     is_top1[s:e] = first == targets[s:e]
@@ -93,9 +97,8 @@ class TiledLogProbs(torch.autograd.Function):
                 if entropy is not None:  # H = log Z - sum_v p_v z_v, in shifted logits; bmm: no [T, V] product
                     entropy[s:e] = total.log() - torch.bmm(exp[:, None], shifted[:, :, None])[:, 0, 0] / total
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
-        if is_top1 is not None:
-            ctx.mark_non_differentiable(is_top1)
-        return target_logit - log_z, entropy, None, None, is_top1
+        ctx.mark_non_differentiable(*(t for t in (mean_logits, is_top1) if t is not None))
+        return target_logit - log_z, entropy, None, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
