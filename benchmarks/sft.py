@@ -5,8 +5,9 @@
 Both sides train the same LoRA (params.train_sft), learning rate, batch size and
 number of steps on the same tokenized examples in the same order, each in its own
 process (peak RSS = ru_maxrss). Reported: trained tokens/s (label != -100) over
-steps 2..N (step 1 warms up), peak memory, the loss of every step, and MFU:
-model FLOPs/s over this machine's fp32 matmul peak (benchmarks.peak).
+steps 2..N (step 1 warms up), peak memory, the loss of every step and their mean (the loss
+check: ours' mean at most the baseline's), and MFU: model FLOPs/s over this machine's fp32
+matmul peak (benchmarks.peak).
 
     baseline     SFTConfig defaults (pad to the longest, no packing, gradient checkpointing on,
                  TRL's default), fp32 (TRL's bf16 default is forced off: see benchmarks.peak)
@@ -188,7 +189,8 @@ def measured(steps: int, ends: list[float], counter: TokenCounter, flops: dict, 
             "computed_tokens": computed, "tokens_per_s": trained / seconds if seconds else None,
             "model_gflops_per_s": model_flops / seconds / 1e9 if seconds else None,
             "losses": losses, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, **extra}
+            "final_loss": losses[-1] if losses else None,
+            "mean_loss": sum(losses) / len(losses) if losses else None, **extra}
 
 
 # --------------------------------------------------------------------------- driver
@@ -219,7 +221,9 @@ def result_of(runs: dict[str, list[dict]], peak: dict, command: str, ws: Path, s
               "peak": peak, "rows": rows, "losses": {v: r[0]["losses"] for v, r in runs.items()}}
     base, ours = rows[0], rows[1]
     result["speedup"] = ours["speedup"]
-    result["loss_ok"] = ours["final_loss"] <= base["final_loss"] + 1e-3
+    # the mean over the steps (the same batches on both sides), not the last batch's loss alone: that one
+    # moved by 0.03 between numerically different runs of the default workload, either way
+    result["loss_ok"] = ours["mean_loss"] <= base["mean_loss"] + 1e-3
     result["step1_loss_diff"] = abs(ours["first_loss"] - base["first_loss"])
     return result
 
@@ -237,6 +241,7 @@ def summarize(runs: dict[str, list[dict]], peak: dict) -> list[dict]:
             "mfu_fp32": harness.ratio(gflops, peak["fp32_gflops"], 3),
             "mfu_bf16": harness.ratio(gflops, peak["bf16_gflops"], 3),
             "first_loss": round(rs[0]["first_loss"], 4), "final_loss": round(harness.median(rs, "final_loss"), 4),
+            "mean_loss": round(harness.median(rs, "mean_loss"), 4),
             "precision": rs[0]["precision"], "checkpointing": rs[0]["checkpointing"],
             "padding_free": rs[0]["padding_free"],
         })
@@ -244,14 +249,14 @@ def summarize(runs: dict[str, list[dict]], peak: dict) -> list[dict]:
 
 
 COLUMNS = ["variant", "tokens_per_s", "speedup", "peak_rss_mib", "computed_share", "mfu_fp32", "mfu_bf16",
-           "first_loss", "final_loss", "precision", "checkpointing", "padding_free"]
+           "first_loss", "final_loss", "mean_loss", "precision", "checkpointing", "padding_free"]
 
 
 def report(result: dict) -> str:
     return (f"train-sft: {result['steps']} steps x batch 8, median of {result['repeats']} interleaved runs; "
             f"tokens/s over steps 2..{result['steps']}\n" + harness.table(result["rows"], COLUMNS)
             + f"\nstep-1 loss |ours - baseline| = {result['step1_loss_diff']:.2e}; "
-              f"final loss ours <= baseline: {result['loss_ok']}")
+              f"mean loss over the {result['steps']} steps ours <= baseline: {result['loss_ok']}")
 
 
 if __name__ == "__main__":

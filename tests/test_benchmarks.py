@@ -52,6 +52,8 @@ def test_sft_rows_compare_baseline_and_ours(bench_ws, monkeypatch, tmp_path):
     assert len(res["losses"]["ours"]) == len(res["losses"]["baseline"]) == 2
     # B of LoRA starts at zero: the first step's loss is the base model's, padded or packed
     assert res["step1_loss_diff"] < 1e-3
+    assert ours["mean_loss"] == pytest.approx(sum(res["losses"]["ours"]) / 2, abs=1e-4)
+    assert res["loss_ok"] == (ours["mean_loss"] <= base["mean_loss"] + 1e-3)
     assert 0 < ours["mfu_fp32"] < ours["mfu_bf16"]
     harness.save_results("sft", res)
     assert harness.load_results()["sft"]["rows"][1]["variant"] == "ours"
